@@ -1,0 +1,49 @@
+"""Exceptions, grouped by how the caller must respond.
+
+* :class:`InvalidInput` -- the caller sent something wrong; nothing was written. Fix the input.
+* :class:`PermanentFailure` -- the work failed and retrying will not help.
+* :class:`RetryableFailure` -- the work failed for a reason that may pass; retry within policy.
+* :class:`NotFound` -- the named object does not exist.
+"""
+
+from __future__ import annotations
+
+
+class GatheringError(Exception):
+    """A gathering-tasks error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class InvalidInput(GatheringError):
+    """The input is invalid."""
+
+    def __init__(self, message: str | None = None, *, field: str | None = None) -> None:
+        self.field = field
+        text = message or (self.__doc__ or "").strip()
+        super().__init__(f"{field}: {text}" if field else text)
+
+
+class ConfigError(InvalidInput):
+    """The configuration is invalid."""
+
+
+class NotFound(GatheringError):
+    """The requested object does not exist."""
+
+
+class PermanentFailure(GatheringError):
+    """The work failed and retrying will not help."""
+
+
+class RetryableFailure(GatheringError):
+    """The work failed for a reason that may pass; it can be retried."""
+
+
+class NotAvailable(PermanentFailure):
+    """This action type is not available in this deployment."""
+
+
+class TaskTimedOut(PermanentFailure):
+    """The work exceeded its time limit."""

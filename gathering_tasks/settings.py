@@ -1,0 +1,105 @@
+"""Typed settings, read once from the environment (``GATHERING_*``).
+
+Every timing that the guarantees depend on is derived here, in one place:
+
+* ``lock_ttl_s`` (the run lease) = ``task_time_limit_s`` + ``lock_margin_s``: a lease never
+  expires while its task may still legally run.
+* ``visibility_timeout_s`` (Redis broker) = ``2 * task_time_limit_s`` + ``lock_margin_s``:
+  an unacknowledged message is redelivered only after its task could no longer be running.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, computed_field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_SQLITE_PATH = Path("var") / "gathering.db"
+
+# Lists come from the environment as comma-separated text (or a JSON array).
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """All configuration of gathering-tasks. Secrets are :class:`SecretStr` and never printed."""
+
+    model_config = SettingsConfigDict(env_prefix="GATHERING_", extra="ignore", frozen=True)
+
+    # URLs may carry passwords: keep them out of repr() and logs.
+    database_url: str = Field(default=f"sqlite:///{DEFAULT_SQLITE_PATH}", repr=False)
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
+    broker_url_override: str | None = Field(default=None, alias="GATHERING_BROKER_URL", repr=False)
+    key_prefix: str = "gathering"
+
+    # Beat
+    beat_tick_s: float = Field(default=1.0, gt=0, le=60)
+    beat_batch_size: int = Field(default=1000, ge=1)
+    leader_lease_ttl_s: float = Field(default=10.0, gt=1)
+    sweep_interval_s: float = Field(default=5.0, gt=0)
+    pending_grace_s: float = Field(default=30.0, gt=0)
+
+    # Tasks
+    task_time_limit_s: int = Field(default=300, ge=1)
+    lock_margin_s: int = Field(default=30, ge=1)
+    default_queue: str = "gathering"
+    worker_prefetch_multiplier: int = Field(default=1, ge=1)
+    run_task_allowlist: CsvList = Field(default_factory=list)
+    max_config_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_result_bytes: int = Field(default=16 * 1024, ge=256)
+
+    # HTTP skill
+    http_allow_networks: CsvList = Field(default_factory=list)
+    http_allow_hosts: CsvList = Field(default_factory=list)
+    http_connect_timeout_s: float = Field(default=5.0, gt=0)
+    http_read_timeout_s: float = Field(default=30.0, gt=0)
+    http_max_response_bytes: int = Field(default=1024 * 1024, ge=1024)
+    http_max_attempts: int = Field(default=3, ge=1, le=10)
+
+    # Notifications (SMTP); webhook secrets are referenced from action configs as env:NAME
+    smtp_host: str | None = None
+    smtp_port: int = 587
+    smtp_security: Literal["starttls", "ssl", "none"] = "starttls"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = "gathering-tasks@localhost"
+
+    # Demo
+    demo: bool = False
+
+    @field_validator("run_task_allowlist", "http_allow_networks", "http_allow_hosts", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        if value.strip().startswith("["):
+            return json.loads(value)
+        return [item.strip() for item in value.split(",") if item.strip()]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def broker_url(self) -> str:
+        return self.broker_url_override or self.redis_url
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def lock_ttl_s(self) -> int:
+        return self.task_time_limit_s + self.lock_margin_s
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def visibility_timeout_s(self) -> int:
+        return 2 * self.task_time_limit_s + self.lock_margin_s
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings (read once). Tests call ``get_settings.cache_clear()``."""
+    return Settings()
