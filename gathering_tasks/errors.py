@@ -22,6 +22,7 @@ class InvalidInput(GatheringError):
     def __init__(self, message: str | None = None, *, field: str | None = None) -> None:
         self.field = field
         text = message or (self.__doc__ or "").strip()
+        self.reason = text
         super().__init__(f"{field}: {text}" if field else text)
 
 

@@ -2,8 +2,12 @@
 
 Every timing that the guarantees depend on is derived here, in one place:
 
-* ``lock_ttl_s`` (the run lease) = ``task_time_limit_s`` + ``lock_margin_s``: a lease never
-  expires while its task may still legally run.
+* The run lease lives ``run_lease_ttl_s`` and is renewed every ``run_lease_ttl_s / 3`` by the
+  worker's heartbeat for as long as the task runs (at most ``task_time_limit_s``), so a live
+  run never loses it, and a dead worker's run is recoverable ``run_lease_ttl_s`` after death
+  instead of a whole time limit later. The sweeper uses the same number as heartbeat timeout.
+* ``lock_ttl_s`` = ``task_time_limit_s`` + ``lock_margin_s``: the longest a task may hold
+  anything, used to bound the Redis-side leases that are not renewed.
 * ``visibility_timeout_s`` (Redis broker) = ``2 * task_time_limit_s`` + ``lock_margin_s``:
   an unacknowledged message is redelivered only after its task could no longer be running.
 """
@@ -44,6 +48,7 @@ class Settings(BaseSettings):
 
     # Tasks
     task_time_limit_s: int = Field(default=300, ge=1)
+    run_lease_ttl_s: float = Field(default=30.0, gt=0.5)
     lock_margin_s: int = Field(default=30, ge=1)
     default_queue: str = "gathering"
     worker_prefetch_multiplier: int = Field(default=1, ge=1)
@@ -93,6 +98,11 @@ class Settings(BaseSettings):
     @property
     def visibility_timeout_s(self) -> int:
         return 2 * self.task_time_limit_s + self.lock_margin_s
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.run_lease_ttl_s / 3
 
     @property
     def is_sqlite(self) -> bool:

@@ -1,0 +1,39 @@
+# The one way to set up, run and test gathering-tasks. README and CI call these targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench chaos-long clean
+
+$(BIN)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+setup: $(BIN)/.installed
+
+## Run beat + a worker + Flower on the embedded SQLite database, with demo actions.
+demo: setup
+	@scripts/demo.sh
+
+## Lint, type-check, and run the whole test suite against throwaway Redis and PostgreSQL.
+test: setup
+	@scripts/test.sh
+
+lint: setup
+	$(BIN)/ruff check gathering_tasks tests bench
+	$(BIN)/ruff format --check gathering_tasks tests bench
+	$(BIN)/mypy --strict gathering_tasks
+
+bench: setup
+	@scripts/ensure-services.sh
+	$(BIN)/python bench/beat.py
+
+chaos-long: setup
+	@scripts/ensure-services.sh
+	$(BIN)/python -m tests.acceptance.chaos --long
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,155 @@
+"""Action definitions: the validated shape of a scheduled action, checked at the door.
+
+Nothing reaches the database until :func:`validate_action` has accepted it; every refusal is
+an :class:`~gathering_tasks.errors.InvalidInput` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gathering_tasks.errors import InvalidInput
+from gathering_tasks.schedules import Schedule, parse_schedule
+from gathering_tasks.skills.http import parse_call_api_config
+from gathering_tasks.skills.notifications import parse_notification_config
+
+ActionType = Literal["run_task", "execute_pipeline", "send_notification", "call_api"]
+ACTION_TYPES: tuple[ActionType, ...] = (
+    "run_task",
+    "execute_pipeline",
+    "send_notification",
+    "call_api",
+)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunTaskConfig(_Strict):
+    """``run_task``: call a registered handler or Celery task by name."""
+
+    task: str = Field(min_length=1, max_length=200)
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExecutePipelineConfig(_Strict):
+    """``execute_pipeline``: start a run of the named pipeline with these inputs."""
+
+    pipeline: str = Field(min_length=1, max_length=200)
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ActionSpec(_Strict):
+    """Everything a user states about an action. Runtime state lives elsewhere."""
+
+    name: str
+    action_type: ActionType
+    config: dict[str, Any]
+    schedule: dict[str, Any]
+    description: str | None = Field(default=None, max_length=2000)
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    max_runs: int | None = Field(default=None, ge=1)
+    catchup_mode: Literal["skip", "latest", "all"] = "latest"
+    catchup_grace_s: float = Field(default=3600.0, ge=0)
+    catchup_max: int = Field(default=100, ge=1, le=10_000)
+    overlap_policy: Literal["skip", "allow"] = "skip"
+    retry_max_attempts: int = Field(default=3, ge=1, le=20)
+    retry_backoff_s: float = Field(default=5.0, ge=0)
+    retry_backoff_max_s: float = Field(default=300.0, ge=0)
+    timeout_s: int | None = Field(default=None, ge=1)
+    queue: str | None = Field(default=None, min_length=1, max_length=100)
+    priority: int | None = Field(default=None, ge=0, le=9)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError("must be 1-200 characters of letters, digits, '_', '.', ':' or '-'")
+        return value
+
+    @field_validator("start_at", "end_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("must carry a UTC offset")
+        return value
+
+
+def _run_task_check(config: Mapping[str, Any], allowed: Callable[[str], bool]) -> None:
+    parsed = RunTaskConfig.model_validate(config)
+    if not allowed(parsed.task):
+        raise InvalidInput(
+            f"task {parsed.task!r} is not registered or not in the run_task allowlist",
+            field="config.task",
+        )
+
+
+def _pipeline_check(config: Mapping[str, Any], _allowed: Callable[[str], bool]) -> None:
+    ExecutePipelineConfig.model_validate(config)
+
+
+def _call_api_check(config: Mapping[str, Any], _allowed: Callable[[str], bool]) -> None:
+    parse_call_api_config(config)
+
+
+def _notification_check(config: Mapping[str, Any], _allowed: Callable[[str], bool]) -> None:
+    parse_notification_config(config)
+
+
+CONFIG_CHECKS: dict[str, Callable[[Mapping[str, Any], Callable[[str], bool]], None]] = {
+    "run_task": _run_task_check,
+    "execute_pipeline": _pipeline_check,
+    "call_api": _call_api_check,
+    "send_notification": _notification_check,
+}
+
+
+def _first_error(exc: ValidationError, prefix: str = "") -> InvalidInput:
+    err = exc.errors()[0]
+    loc = ".".join(str(part) for part in err["loc"])
+    field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or None)
+    return InvalidInput(err["msg"], field=field)
+
+
+def validate_action(
+    data: Mapping[str, Any],
+    *,
+    now: datetime,
+    max_config_bytes: int,
+    task_allowed: Callable[[str], bool],
+) -> tuple[ActionSpec, Schedule]:
+    """Check a whole action definition. Returns the spec and its parsed schedule."""
+    if "action_type" in data and data["action_type"] not in ACTION_TYPES:
+        known = ", ".join(ACTION_TYPES)
+        raise InvalidInput(
+            f"unknown action type {data['action_type']!r} (known: {known})", field="action_type"
+        )
+    try:
+        spec = ActionSpec.model_validate(dict(data))
+    except ValidationError as exc:
+        raise _first_error(exc) from exc
+    size = len(json.dumps(spec.config, separators=(",", ":"), default=str))
+    if size > max_config_bytes:
+        raise InvalidInput(f"is {size} bytes; the limit is {max_config_bytes}", field="config")
+    if spec.end_at and spec.start_at and spec.end_at <= spec.start_at:
+        raise InvalidInput("must be after start_at", field="end_at")
+    try:
+        CONFIG_CHECKS[spec.action_type](spec.config, task_allowed)
+    except ValidationError as exc:
+        raise _first_error(exc, "config") from exc
+    except InvalidInput as exc:
+        if exc.field and not exc.field.startswith("config"):
+            raise InvalidInput(exc.reason, field=f"config.{exc.field}") from exc
+        raise
+    schedule = parse_schedule(spec.schedule, now=now)
+    return spec, schedule

@@ -1,0 +1,119 @@
+"""The Python API for actions: create, read, update, pause, resume, delete, trigger.
+
+Every change lands in the database and takes effect at beat's next tick; no restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from gathering_tasks.actions import ActionSpec, validate_action
+from gathering_tasks.db.repo import Claim, Repository
+from gathering_tasks.errors import InvalidInput
+from gathering_tasks.schedules import Schedule, first_slot
+from gathering_tasks.settings import Settings
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def initial_slot(spec: ActionSpec, schedule: Schedule, now: datetime) -> datetime | None:
+    """The first slot an action runs: at or after now and its start, not past its end."""
+    not_before = max(now, spec.start_at) if spec.start_at else now
+    slot = first_slot(schedule, not_before=not_before)
+    if slot is None or (spec.end_at is not None and slot > spec.end_at):
+        return None
+    return slot
+
+
+def _columns(spec: ActionSpec) -> dict[str, Any]:
+    values = spec.model_dump(exclude={"config"})
+    values["action_config"] = spec.config
+    return values
+
+
+class ActionService:
+    """Actions as a user sees them. Dependencies are passed in; nothing global."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        settings: Settings,
+        *,
+        task_allowed: Callable[[str], bool],
+        publish: Callable[[Claim], None] | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.repo = repo
+        self.settings = settings
+        self._task_allowed = task_allowed
+        self._publish = publish
+        self._clock = clock
+
+    def _validate(self, data: Mapping[str, Any], now: datetime) -> tuple[ActionSpec, Schedule]:
+        return validate_action(
+            data,
+            now=now,
+            max_config_bytes=self.settings.max_config_bytes,
+            task_allowed=self._task_allowed,
+        )
+
+    def create(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate and store a new action. Nothing is written if anything is invalid."""
+        now = self._clock()
+        spec, schedule = self._validate(data, now)
+        return self.repo.create_action(
+            _columns(spec), next_run_at=initial_slot(spec, schedule, now), now=now
+        )
+
+    def update(self, name: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Change an action's definition; its next slot is recomputed from now."""
+        now = self._clock()
+        current = self.get(name)
+        merged = {
+            key: current[key]
+            for key in ActionSpec.model_fields
+            if key in current and current[key] is not None
+        }
+        merged["config"] = current["action_config"]
+        merged.update(changes)
+        if merged.get("name") != name:
+            raise InvalidInput("cannot be changed; create a new action instead", field="name")
+        spec, schedule = self._validate(merged, now)
+        return self.repo.update_action(
+            name, _columns(spec), next_run_at=initial_slot(spec, schedule, now), now=now
+        )
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self.repo.get_action(name)
+
+    def list_actions(self, status: str | None = None) -> list[dict[str, Any]]:
+        return self.repo.list_actions(status)
+
+    def pause(self, name: str) -> dict[str, Any]:
+        return self.repo.set_status(name, "paused", now=self._clock())
+
+    def resume(self, name: str) -> dict[str, Any]:
+        """Resume from now: slots missed while paused are not run."""
+        now = self._clock()
+        current = self.get(name)
+        data = {k: current[k] for k in ActionSpec.model_fields if current.get(k) is not None}
+        data["config"] = current["action_config"]
+        spec, schedule = self._validate(data, now)
+        slot = initial_slot(spec, schedule, now)
+        return self.repo.set_status(
+            name, "active" if slot else "completed", now=now, next_run_at=slot
+        )
+
+    def delete(self, name: str) -> None:
+        self.repo.delete_action(name)
+
+    def trigger(self, name: str, *, trigger: str = "manual") -> int:
+        """Run an action now, outside its schedule. Returns the run id."""
+        claim = self.repo.trigger_now(name, now=self._clock(), trigger=trigger)
+        if self._publish is not None:
+            self._publish(claim)
+        return claim.run_id

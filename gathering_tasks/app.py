@@ -1,0 +1,62 @@
+"""The Celery app: the only global. ``celery -A gathering_tasks worker|beat|flower``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from gathering_tasks import runtime
+from gathering_tasks.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings derived from ours; the reasons live in docs/guarantees.md."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        # Messages are redelivered only after their task could no longer be running.
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        # Run records are the results; Celery's result backend is not used.
+        "task_ignore_result": True,
+        "result_backend": None,
+        # JSON only: never pickle, in either direction.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # A message is acknowledged after its task ran; a killed worker's message comes back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": settings.worker_prefetch_multiplier,
+        "task_time_limit": settings.task_time_limit_s,
+        "task_soft_time_limit": max(1, settings.task_time_limit_s - 5),
+        "task_default_queue": settings.default_queue,
+        "task_default_exchange": settings.default_queue,
+        "task_default_routing_key": settings.default_queue,
+        # Flower sees everything.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "beat_scheduler": "gathering_tasks.beat:DatabaseScheduler",
+        "beat_max_loop_interval": settings.beat_tick_s,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "imports": ("gathering_tasks.tasks",),
+    }
+
+
+app = Celery("gathering_tasks")
+app.conf.update(celery_config(get_settings()))
+
+
+@worker_process_init.connect
+def _after_fork(**_kwargs: Any) -> None:
+    # Pooled DB and Redis connections must not be shared across a fork.
+    runtime.reset(after_fork=True)

@@ -1,0 +1,215 @@
+"""The ``gathering-tasks`` command: database, actions, runs and the demo.
+
+Exit codes: 0 ok, 1 other error, 2 invalid input (nothing was written), 3 not found.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from gathering_tasks import runtime
+from gathering_tasks.api import ActionService
+from gathering_tasks.app import app as celery_app
+from gathering_tasks.db.migrate import upgrade
+from gathering_tasks.db.repo import Claim
+from gathering_tasks.demo import DEMO_ACTIONS
+from gathering_tasks.errors import GatheringError, InvalidInput, NotFound
+from gathering_tasks.publish import publish_claims
+from gathering_tasks.tasks.actions import task_allowed
+
+app = typer.Typer(help="gathering-tasks: scheduled actions on Celery.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+actions_app = typer.Typer(help="Scheduled actions.", no_args_is_help=True)
+runs_app = typer.Typer(help="Runs of actions.", no_args_is_help=True)
+demo_app = typer.Typer(help="Demo actions.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(actions_app, name="actions")
+app.add_typer(runs_app, name="runs")
+app.add_typer(demo_app, name="demo")
+
+EXIT_INVALID = 2
+EXIT_NOT_FOUND = 3
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """One clear line on stderr, and an exit code that says what kind of error it was."""
+    try:
+        yield
+    except InvalidInput as exc:
+        _fail(str(exc), EXIT_INVALID)
+    except NotFound as exc:
+        _fail(str(exc), EXIT_NOT_FOUND)
+    except GatheringError as exc:
+        _fail(str(exc), 1)
+
+
+def _publish(claim: Claim) -> None:
+    publish_claims(celery_app, [claim], default_queue=runtime.settings().default_queue)
+
+
+def _service() -> ActionService:
+    return ActionService(
+        runtime.repository(), runtime.settings(), task_allowed=task_allowed, publish=_publish
+    )
+
+
+def _print(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def _json_arg(text: str | None, field: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"is not valid JSON ({exc.msg})", field=field) from exc
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply the migrations (the only way the schema is made)."""
+    upgrade(runtime.settings().database_url, revision)
+    typer.echo(f"database at revision {revision}")
+
+
+def _schedule_from_flags(
+    cron: str | None, timezone: str, every: float | None, at: str | None
+) -> dict[str, Any]:
+    given = [flag for flag, value in (("--cron", cron), ("--every", every), ("--at", at)) if value]
+    if len(given) != 1:
+        raise InvalidInput("give exactly one of --cron, --every, --at", field="schedule")
+    if cron:
+        return {"kind": "cron", "expr": cron, "timezone": timezone}
+    if every is not None:
+        return {"kind": "interval", "every_s": every}
+    return {"kind": "once", "at": at}
+
+
+@actions_app.command("add")
+def actions_add(
+    *,
+    name: Annotated[str | None, typer.Option(help="Unique action name.")] = None,
+    action_type: Annotated[
+        str | None, typer.Option("--type", help="run_task | execute_pipeline | ...")
+    ] = None,
+    config: Annotated[str | None, typer.Option(help="Action config as JSON.")] = None,
+    cron: Annotated[str | None, typer.Option(help="5-field cron expression.")] = None,
+    timezone: Annotated[str, typer.Option("--tz", help="IANA time zone for --cron.")] = "UTC",
+    every: Annotated[float | None, typer.Option(help="Interval in seconds.")] = None,
+    at: Annotated[str | None, typer.Option(help="One-shot time, ISO-8601 with offset.")] = None,
+    catchup: Annotated[str, typer.Option(help="skip | latest | all")] = "latest",
+    max_runs: Annotated[int | None, typer.Option(help="Stop after this many runs.")] = None,
+    file: Annotated[Path | None, typer.Option(help="Whole action definition as JSON.")] = None,
+) -> None:
+    """Create an action (from flags, or from a JSON file with every field)."""
+    with _errors():
+        if file is not None:
+            data = _json_arg(file.read_text(), "file")
+        else:
+            data = {
+                "name": name,
+                "action_type": action_type,
+                "config": _json_arg(config, "config") or {},
+                "schedule": _schedule_from_flags(cron, timezone, every, at),
+                "catchup_mode": catchup,
+                "max_runs": max_runs,
+            }
+        _print(_service().create({k: v for k, v in data.items() if v is not None}))
+
+
+@actions_app.command("list")
+def actions_list(status: Annotated[str | None, typer.Option()] = None) -> None:
+    """List actions."""
+    with _errors():
+        for action in _service().list_actions(status):
+            typer.echo(
+                f"{action['name']:<32} {action['action_type']:<18} {action['status']:<10} "
+                f"next={action['next_run_at']}"
+            )
+
+
+@actions_app.command("show")
+def actions_show(name: str) -> None:
+    """Show one action."""
+    with _errors():
+        _print(_service().get(name))
+
+
+@actions_app.command("pause")
+def actions_pause(name: str) -> None:
+    """Pause an action; beat stops firing it at its next tick."""
+    with _errors():
+        _print(_service().pause(name))
+
+
+@actions_app.command("resume")
+def actions_resume(name: str) -> None:
+    """Resume an action from now (slots missed while paused are not run)."""
+    with _errors():
+        _print(_service().resume(name))
+
+
+@actions_app.command("delete")
+def actions_delete(name: str) -> None:
+    """Delete an action and its runs."""
+    with _errors():
+        _service().delete(name)
+        typer.echo(f"deleted {name}")
+
+
+@actions_app.command("trigger")
+def actions_trigger(name: str) -> None:
+    """Run an action now, outside its schedule."""
+    with _errors():
+        typer.echo(f"run {_service().trigger(name)} queued")
+
+
+@runs_app.command("list")
+def runs_list(
+    action: Annotated[str | None, typer.Option()] = None,
+    status: Annotated[str | None, typer.Option()] = None,
+    limit: int = 50,
+) -> None:
+    """List recent runs."""
+    with _errors():
+        for run in runtime.repository().list_runs(action=action, status=status, limit=limit):
+            typer.echo(
+                f"{run['id']:>8} action={run['action_id']:<6} {run['status']:<10} "
+                f"attempt={run['attempt']} slot={run['scheduled_for']} trigger={run['trigger']}"
+            )
+
+
+@runs_app.command("show")
+def runs_show(run_id: int) -> None:
+    """Show one run."""
+    with _errors():
+        _print(runtime.repository().get_run(run_id))
+
+
+@demo_app.command("seed")
+def demo_seed() -> None:
+    """Create the demo actions (kept if they exist)."""
+    with _errors():
+        service = _service()
+        existing = {a["name"] for a in service.list_actions()}
+        for action in DEMO_ACTIONS:
+            if action["name"] not in existing:
+                service.create(action)
+                typer.echo(f"created demo action {action['name']}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,198 @@
+"""The schema. Alembic migrations in ``migrations/`` are the only way it reaches a database."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from gathering_tasks.db.types import JsonType, UtcDateTime
+
+ACTION_TYPES = ("run_task", "execute_pipeline", "send_notification", "call_api")
+ACTION_STATUSES = ("active", "paused", "completed", "expired", "disabled")
+RUN_STATUSES = (
+    "pending",
+    "running",
+    "retrying",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "cancelled",
+    "skipped",
+)
+RUN_TRIGGERS = ("schedule", "recovery", "manual", "api")
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    quoted = ", ".join(f"'{v}'" for v in values)
+    return f"{column} IN ({quoted})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class ScheduledAction(Base):
+    __tablename__ = "scheduled_actions"
+    __table_args__ = (
+        CheckConstraint(_in("action_type", ACTION_TYPES), name="action_type"),
+        CheckConstraint(_in("status", ACTION_STATUSES), name="status"),
+        CheckConstraint(_in("catchup_mode", ("skip", "latest", "all")), name="catchup_mode"),
+        CheckConstraint(_in("overlap_policy", ("skip", "allow")), name="overlap_policy"),
+        # The due query: WHERE status = 'active' AND next_run_at <= now ORDER BY next_run_at.
+        Index("ix_scheduled_actions_due", "status", "next_run_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    action_type: Mapped[str] = mapped_column(String(32))
+    action_config: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    schedule: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    start_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    end_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    max_runs: Mapped[int | None] = mapped_column(Integer)
+    run_count: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    catchup_mode: Mapped[str] = mapped_column(String(8), default="latest")
+    catchup_grace_s: Mapped[float] = mapped_column(Float, default=3600.0)
+    catchup_max: Mapped[int] = mapped_column(Integer, default=100)
+    overlap_policy: Mapped[str] = mapped_column(String(8), default="skip")
+    retry_max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    retry_backoff_s: Mapped[float] = mapped_column(Float, default=5.0)
+    retry_backoff_max_s: Mapped[float] = mapped_column(Float, default=300.0)
+    timeout_s: Mapped[int | None] = mapped_column(Integer)
+    queue: Mapped[str | None] = mapped_column(String(100))
+    priority: Mapped[int | None] = mapped_column(Integer)
+    next_run_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_run_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ScheduledActionRun(Base):
+    __tablename__ = "scheduled_action_runs"
+    __table_args__ = (
+        # A slot is claimed once: the database, not a lock, enforces it.
+        UniqueConstraint("action_id", "scheduled_for"),
+        CheckConstraint(_in("status", RUN_STATUSES), name="status"),
+        CheckConstraint(_in("trigger", RUN_TRIGGERS), name="trigger"),
+        # The sweeper's queries: unfinished runs by state and age.
+        Index("ix_scheduled_action_runs_status_updated", "status", "updated_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    action_id: Mapped[int] = mapped_column(
+        ForeignKey("scheduled_actions.id", ondelete="CASCADE"), index=True
+    )
+    scheduled_for: Mapped[datetime] = mapped_column(UtcDateTime)
+    trigger: Mapped[str] = mapped_column(String(16), default="schedule")
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    celery_task_id: Mapped[str | None] = mapped_column(String(255))
+    worker: Mapped[str | None] = mapped_column(String(255))
+    retry_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Pipeline(Base):
+    __tablename__ = "pipelines"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    definition: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    timeout_s: Mapped[int | None] = mapped_column(Integer)
+    retry_max_attempts: Mapped[int] = mapped_column(Integer, default=1)
+    retry_backoff_s: Mapped[float] = mapped_column(Float, default=5.0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class PipelineRun(Base):
+    __tablename__ = "pipeline_runs"
+    __table_args__ = (
+        CheckConstraint(
+            _in("status", ("pending", "running", "succeeded", "failed", "timed_out", "cancelled")),
+            name="status",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pipeline_id: Mapped[int] = mapped_column(
+        ForeignKey("pipelines.id", ondelete="CASCADE"), index=True
+    )
+    pipeline_version: Mapped[int] = mapped_column(Integer)
+    action_run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("scheduled_action_runs.id", ondelete="SET NULL"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    trigger_data: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    outputs: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class PipelineNodeRun(Base):
+    __tablename__ = "pipeline_node_runs"
+    __table_args__ = (
+        UniqueConstraint("run_id", "node_id"),
+        CheckConstraint(
+            _in(
+                "status",
+                (
+                    "pending",
+                    "running",
+                    "retrying",
+                    "succeeded",
+                    "failed",
+                    "timed_out",
+                    "cancelled",
+                    "skipped",
+                ),
+            ),
+            name="status",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("pipeline_runs.id", ondelete="CASCADE"))
+    node_id: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    input: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    output: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)

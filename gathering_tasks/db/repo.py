@@ -1,0 +1,566 @@
+"""All SQL of gathering-tasks lives here, behind :class:`Repository`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Row, and_, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gathering_tasks.db.models import ScheduledAction, ScheduledActionRun
+from gathering_tasks.errors import InvalidInput, NotFound
+
+UNFINISHED = ("pending", "running", "retrying")
+FINAL = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
+
+
+@dataclass(frozen=True)
+class DueAction:
+    """The columns beat needs to plan an action's due slots."""
+
+    id: int
+    schedule: dict[str, Any]
+    next_run_at: datetime
+    run_count: int
+    start_at: datetime | None
+    end_at: datetime | None
+    max_runs: int | None
+    catchup_mode: str
+    catchup_grace_s: float
+    catchup_max: int
+    overlap_policy: str
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """What beat decided for one due action (computed by the pure planner)."""
+
+    run_slots: tuple[tuple[datetime, str], ...]  # (scheduled_for, trigger)
+    next_run_at: datetime | None
+    status: str  # the action's new status ("active" while more slots remain)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A run to publish: the Celery message carries only ``run_id``."""
+
+    run_id: int
+    action_id: int
+    action_type: str
+    queue: str | None
+    priority: int | None
+    timeout_s: int | None
+    countdown_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """A run that a worker has just moved to ``running``, with its action's definition."""
+
+    run_id: int
+    attempt: int
+    action_id: int
+    action_name: str
+    action_type: str
+    config: dict[str, Any]
+    scheduled_for: datetime
+    trigger: str
+    retry_max_attempts: int
+    retry_backoff_s: float
+    retry_backoff_max_s: float
+    timeout_s: int | None
+
+
+@dataclass(frozen=True)
+class StaleRun:
+    """A ``running`` run whose heartbeat stopped: its worker is presumed gone."""
+
+    run_id: int
+    attempt: int
+    started_at: datetime
+    timeout_s: int | None
+    retry_max_attempts: int
+
+
+Planner = Callable[[DueAction], SlotPlan]
+
+_ACTION_FIELDS = (
+    "name",
+    "description",
+    "action_type",
+    "action_config",
+    "schedule",
+    "start_at",
+    "end_at",
+    "max_runs",
+    "catchup_mode",
+    "catchup_grace_s",
+    "catchup_max",
+    "overlap_policy",
+    "retry_max_attempts",
+    "retry_backoff_s",
+    "retry_backoff_max_s",
+    "timeout_s",
+    "queue",
+    "priority",
+)
+
+
+def action_to_dict(action: ScheduledAction) -> dict[str, Any]:
+    """A JSON-friendly view of an action row."""
+    out: dict[str, Any] = {"id": action.id}
+    for name in (*_ACTION_FIELDS, "status", "run_count", "next_run_at", "last_run_at"):
+        value = getattr(action, name)
+        out[name] = value.isoformat() if isinstance(value, datetime) else value
+    return out
+
+
+def run_to_dict(run: ScheduledActionRun) -> dict[str, Any]:
+    """A JSON-friendly view of a run row."""
+    out: dict[str, Any] = {}
+    for column in ScheduledActionRun.__table__.columns:
+        value = getattr(run, column.key)
+        out[column.key] = value.isoformat() if isinstance(value, datetime) else value
+    return out
+
+
+class Repository:
+    """Reads and writes actions and runs. Every statement the product issues is here."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self._factory = factory
+        bind = factory.kw["bind"]
+        self.dialect: str = bind.dialect.name
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def create_action(
+        self, values: dict[str, Any], *, next_run_at: datetime | None, now: datetime
+    ) -> dict[str, Any]:
+        """Insert a validated action. A taken name is an :class:`InvalidInput`."""
+        row = ScheduledAction(
+            **{k: values[k] for k in _ACTION_FIELDS if k in values},
+            status="active" if next_run_at else "completed",
+            run_count=0,
+            next_run_at=next_run_at,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            with self._factory() as session, session.begin():
+                session.add(row)
+        except IntegrityError as exc:
+            raise InvalidInput(f"an action named {values['name']!r} exists", field="name") from exc
+        return action_to_dict(row)
+
+    def update_action(
+        self, name: str, values: dict[str, Any], *, next_run_at: datetime | None, now: datetime
+    ) -> dict[str, Any]:
+        """Replace an action's definition; its next slot is recomputed by the caller."""
+        with self._factory() as session, session.begin():
+            row = self._get(session, name)
+            for key in _ACTION_FIELDS:
+                if key in values:
+                    setattr(row, key, values[key])
+            row.next_run_at = next_run_at
+            row.updated_at = now
+            return action_to_dict(row)
+
+    def get_action(self, name: str) -> dict[str, Any]:
+        with self._factory() as session:
+            return action_to_dict(self._get(session, name))
+
+    def list_actions(self, status: str | None = None) -> list[dict[str, Any]]:
+        stmt = select(ScheduledAction).order_by(ScheduledAction.name)
+        if status:
+            stmt = stmt.where(ScheduledAction.status == status)
+        with self._factory() as session:
+            return [action_to_dict(a) for a in session.scalars(stmt)]
+
+    def set_status(
+        self, name: str, status: str, *, now: datetime, next_run_at: datetime | None = None
+    ) -> dict[str, Any]:
+        """Pause, resume (with a fresh ``next_run_at``), disable."""
+        with self._factory() as session, session.begin():
+            row = self._get(session, name)
+            row.status = status
+            if next_run_at is not None:
+                row.next_run_at = next_run_at
+            row.updated_at = now
+            return action_to_dict(row)
+
+    def delete_action(self, name: str) -> None:
+        with self._factory() as session, session.begin():
+            result = session.execute(delete(ScheduledAction).where(ScheduledAction.name == name))
+            if not result.rowcount:  # type: ignore[attr-defined]
+                raise NotFound(f"no action named {name!r}")
+
+    @staticmethod
+    def _get(session: Session, name: str) -> ScheduledAction:
+        row = session.scalars(select(ScheduledAction).where(ScheduledAction.name == name)).first()
+        if row is None:
+            raise NotFound(f"no action named {name!r}")
+        return row
+
+    # -- beat: claim due slots ---------------------------------------------------------------
+
+    def claim_due(self, now: datetime, *, limit: int, plan: Planner) -> list[Claim]:
+        """Claim every due slot of up to ``limit`` actions in ONE transaction.
+
+        Run rows are inserted with ON CONFLICT DO NOTHING on (action_id, scheduled_for), and
+        ``next_run_at`` advances in the same commit, so a replayed tick or a second beat can
+        never create a second run for a slot. The caller publishes after this returns.
+        """
+        a = ScheduledAction
+        stmt = (
+            select(
+                a.id,
+                a.schedule,
+                a.next_run_at,
+                a.run_count,
+                a.start_at,
+                a.end_at,
+                a.max_runs,
+                a.catchup_mode,
+                a.catchup_grace_s,
+                a.catchup_max,
+                a.overlap_policy,
+                a.action_type,
+                a.queue,
+                a.priority,
+                a.timeout_s,
+            )
+            .where(a.status == "active", a.next_run_at <= now)
+            .order_by(a.next_run_at)
+            .limit(limit)
+        )
+        if self.dialect == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True, of=a)
+        with self._claim_session() as session, session.begin():
+            rows = session.execute(stmt).all()
+            if not rows:
+                return []
+            busy = self._busy_actions(session, [r.id for r in rows if r.overlap_policy == "skip"])
+            return self._claim_rows(session, rows, busy, now, plan)
+
+    def _claim_session(self) -> Session:
+        session = self._factory()
+        if self.dialect == "sqlite":
+            session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
+        return session
+
+    @staticmethod
+    def _busy_actions(session: Session, action_ids: Sequence[int]) -> set[int]:
+        if not action_ids:
+            return set()
+        r = ScheduledActionRun
+        stmt = (
+            select(r.action_id)
+            .where(r.action_id.in_(action_ids), r.status.in_(UNFINISHED))
+            .distinct()
+        )
+        return set(session.scalars(stmt))
+
+    def _claim_rows(
+        self,
+        session: Session,
+        rows: Sequence[Row[Any]],
+        busy: set[int],
+        now: datetime,
+        plan: Planner,
+    ) -> list[Claim]:
+        new_runs: list[dict[str, Any]] = []
+        action_updates: list[dict[str, Any]] = []
+        by_id = {row.id: row for row in rows}
+        for row in rows:
+            decided = plan(_due_action(row))
+            status = "skipped" if row.id in busy else "pending"
+            for slot, trigger in decided.run_slots:
+                new_runs.append(_new_run(row.id, slot, trigger, status, now))
+            update_row: dict[str, Any] = {
+                "id": row.id,
+                "next_run_at": decided.next_run_at,
+                "status": decided.status,
+                "run_count": row.run_count + len(decided.run_slots),
+                "updated_at": now,
+            }
+            if decided.run_slots:
+                update_row["last_run_at"] = decided.run_slots[-1][0]
+            action_updates.append(update_row)
+        inserted = self._insert_runs(session, new_runs)
+        session.execute(update(ScheduledAction), action_updates)
+        return [
+            Claim(
+                run_id=run_id,
+                action_id=action_id,
+                action_type=by_id[action_id].action_type,
+                queue=by_id[action_id].queue,
+                priority=by_id[action_id].priority,
+                timeout_s=by_id[action_id].timeout_s,
+            )
+            for run_id, action_id, status in inserted
+            if status == "pending"
+        ]
+
+    def _insert_runs(
+        self, session: Session, new_runs: list[dict[str, Any]]
+    ) -> list[tuple[int, int, str]]:
+        if not new_runs:
+            return []
+        r = ScheduledActionRun
+        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        stmt = (
+            dialect_insert(r)
+            .values(new_runs)
+            .on_conflict_do_nothing(index_elements=[r.action_id, r.scheduled_for])
+            .returning(r.id, r.action_id, r.status)
+        )
+        return [(row[0], row[1], row[2]) for row in session.execute(stmt)]
+
+    def next_due_at(self) -> datetime | None:
+        """The earliest ``next_run_at`` of an active action (an index lookup)."""
+        a = ScheduledAction
+        stmt = select(func.min(a.next_run_at)).where(a.status == "active")
+        with self._factory() as session:
+            value: datetime | None = session.execute(stmt).scalar_one_or_none()
+        # func.min loses the column type on some dialects; normalise to aware UTC.
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        return value.replace(tzinfo=UTC) if value and value.tzinfo is None else value
+
+    def trigger_now(self, name: str, *, now: datetime, trigger: str = "manual") -> Claim:
+        """A run outside the schedule (CLI, API). It still goes through the guard."""
+        with self._factory() as session, session.begin():
+            action = self._get(session, name)
+            run = ScheduledActionRun(**_new_run(action.id, now, trigger, "pending", now))
+            session.add(run)
+            session.flush()
+            return Claim(
+                run_id=run.id,
+                action_id=action.id,
+                action_type=action.action_type,
+                queue=action.queue,
+                priority=action.priority,
+                timeout_s=action.timeout_s,
+            )
+
+    # -- worker: the run record side of the guard ---------------------------------------------
+
+    def start_run(
+        self, run_id: int, *, worker: str, task_id: str | None, now: datetime
+    ) -> RunContext | None:
+        """Move a run ``pending|retrying -> running``. None: someone else has it, or it is done."""
+        r = ScheduledActionRun
+        stmt = (
+            update(r)
+            .where(r.id == run_id, r.status.in_(("pending", "retrying")))
+            .values(
+                status="running",
+                attempt=r.attempt + 1,
+                worker=worker,
+                celery_task_id=task_id,
+                started_at=now,
+                heartbeat_at=now,
+                retry_at=None,
+                updated_at=now,
+            )
+            .returning(r.attempt)
+        )
+        with self._factory() as session, session.begin():
+            attempt = session.execute(stmt).scalar_one_or_none()
+            if attempt is None:
+                return None
+            run, action = session.execute(
+                select(r, ScheduledAction)
+                .join(ScheduledAction, ScheduledAction.id == r.action_id)
+                .where(r.id == run_id)
+            ).one()
+            return RunContext(
+                run_id=run.id,
+                attempt=attempt,
+                action_id=action.id,
+                action_name=action.name,
+                action_type=action.action_type,
+                config=dict(action.action_config),
+                scheduled_for=run.scheduled_for,
+                trigger=run.trigger,
+                retry_max_attempts=action.retry_max_attempts,
+                retry_backoff_s=action.retry_backoff_s,
+                retry_backoff_max_s=action.retry_backoff_max_s,
+                timeout_s=action.timeout_s,
+            )
+
+    def heartbeat(self, run_id: int, attempt: int, now: datetime) -> bool:
+        """Record that the attempt's worker is alive. False: the attempt was taken from it."""
+        return self._update_attempt(run_id, attempt, heartbeat_at=now)
+
+    def finish_run(
+        self,
+        run_id: int,
+        attempt: int,
+        *,
+        status: str,
+        now: datetime,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Close an attempt. Fenced by ``attempt``: a zombie worker cannot overwrite a newer one."""
+        return self._update_attempt(
+            run_id,
+            attempt,
+            status=status,
+            result=result,
+            error=error,
+            finished_at=now,
+            updated_at=now,
+        )
+
+    def schedule_retry(
+        self, run_id: int, attempt: int, *, retry_at: datetime, error: str, now: datetime
+    ) -> bool:
+        """Park a failed attempt as ``retrying`` until ``retry_at``."""
+        return self._update_attempt(
+            run_id, attempt, status="retrying", retry_at=retry_at, error=error, updated_at=now
+        )
+
+    def _update_attempt(self, run_id: int, attempt: int, **values: Any) -> bool:
+        r = ScheduledActionRun
+        stmt = (
+            update(r)
+            .where(r.id == run_id, r.attempt == attempt, r.status == "running")
+            .values(**values)
+        )
+        with self._factory() as session, session.begin():
+            return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+    # -- sweeper -----------------------------------------------------------------------------
+
+    def stale_queued(self, now: datetime, *, grace_s: float, limit: int) -> list[Claim]:
+        """Runs queued but never started past ``grace_s`` (a publish lost after commit).
+
+        Their ``updated_at`` is touched so the next sweep waits another grace period.
+        """
+        r, a = ScheduledActionRun, ScheduledAction
+        cutoff = now - timedelta(seconds=grace_s)
+        stmt = (
+            select(r.id, r.action_id, a.action_type, a.queue, a.priority, a.timeout_s)
+            .join(a, a.id == r.action_id)
+            .where(
+                or_(
+                    and_(r.status == "pending", r.updated_at < cutoff),
+                    and_(r.status == "retrying", r.retry_at < cutoff),
+                )
+            )
+            .order_by(r.id)
+            .limit(limit)
+        )
+        if self.dialect == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True, of=r)
+        with self._claim_session() as session, session.begin():
+            rows = session.execute(stmt).all()
+            if rows:
+                session.execute(
+                    update(r).where(r.id.in_([row.id for row in rows])).values(updated_at=now)
+                )
+            return [
+                Claim(
+                    row.id, row.action_id, row.action_type, row.queue, row.priority, row.timeout_s
+                )
+                for row in rows
+            ]
+
+    def stale_running(
+        self, now: datetime, *, heartbeat_timeout_s: float, limit: int
+    ) -> list[StaleRun]:
+        """Runs ``running`` whose heartbeat is older than ``heartbeat_timeout_s``."""
+        r, a = ScheduledActionRun, ScheduledAction
+        cutoff = now - timedelta(seconds=heartbeat_timeout_s)
+        stmt = (
+            select(r.id, r.attempt, r.started_at, a.timeout_s, a.retry_max_attempts)
+            .join(a, a.id == r.action_id)
+            .where(r.status == "running", r.heartbeat_at < cutoff)
+            .order_by(r.id)
+            .limit(limit)
+        )
+        with self._factory() as session:
+            return [StaleRun(*row) for row in session.execute(stmt).all()]
+
+    def requeue_lost(self, run_id: int, attempt: int, *, now: datetime, error: str) -> bool:
+        """Put a lost attempt back to ``pending`` (fenced by attempt) for another delivery."""
+        return self._update_attempt(run_id, attempt, status="pending", error=error, updated_at=now)
+
+    def claim_for_publish(self, run_id: int) -> Claim | None:
+        r, a = ScheduledActionRun, ScheduledAction
+        stmt = (
+            select(r.id, r.action_id, a.action_type, a.queue, a.priority, a.timeout_s)
+            .join(a, a.id == r.action_id)
+            .where(r.id == run_id)
+        )
+        with self._factory() as session:
+            row = session.execute(stmt).first()
+            return Claim(*row) if row else None
+
+    # -- reading runs ------------------------------------------------------------------------
+
+    def list_runs(
+        self, *, action: str | None = None, status: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        r = ScheduledActionRun
+        stmt = select(r).order_by(r.id.desc()).limit(limit)
+        if action:
+            stmt = stmt.join(ScheduledAction).where(ScheduledAction.name == action)
+        if status:
+            stmt = stmt.where(r.status == status)
+        with self._factory() as session:
+            return [run_to_dict(run) for run in session.scalars(stmt)]
+
+    def get_run(self, run_id: int) -> dict[str, Any]:
+        with self._factory() as session:
+            run = session.get(ScheduledActionRun, run_id)
+            if run is None:
+                raise NotFound(f"no run {run_id}")
+            return run_to_dict(run)
+
+    def count_runs(self, statuses: Iterable[str] | None = None) -> dict[str, int]:
+        r = ScheduledActionRun
+        stmt = select(r.status, func.count()).group_by(r.status)
+        if statuses:
+            stmt = stmt.where(r.status.in_(list(statuses)))
+        with self._factory() as session:
+            return {status: count for status, count in session.execute(stmt).all()}
+
+
+def _due_action(row: Row[Any]) -> DueAction:
+    return DueAction(
+        id=row.id,
+        schedule=row.schedule,
+        next_run_at=row.next_run_at,
+        run_count=row.run_count,
+        start_at=row.start_at,
+        end_at=row.end_at,
+        max_runs=row.max_runs,
+        catchup_mode=row.catchup_mode,
+        catchup_grace_s=row.catchup_grace_s,
+        catchup_max=row.catchup_max,
+        overlap_policy=row.overlap_policy,
+    )
+
+
+def _new_run(
+    action_id: int, slot: datetime, trigger: str, status: str, now: datetime
+) -> dict[str, Any]:
+    return {
+        "action_id": action_id,
+        "scheduled_for": slot,
+        "trigger": trigger,
+        "status": status,
+        "attempt": 0,
+        "created_at": now,
+        "updated_at": now,
+        "finished_at": now if status == "skipped" else None,
+    }

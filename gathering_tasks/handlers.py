@@ -1,0 +1,54 @@
+"""Handlers that ``run_task`` actions may call by name.
+
+A handler is a plain function registered here, or a Celery task registered with the app;
+``run_task`` only calls names that are registered handlers or listed in
+``GATHERING_RUN_TASK_ALLOWLIST``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[..., Any]
+_HANDLERS: dict[str, Handler] = {}
+
+
+def handler(name: str) -> Callable[[Handler], Handler]:
+    """Register ``fn`` as a ``run_task`` handler under ``name``."""
+
+    def register(fn: Handler) -> Handler:
+        _HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
+def get_handler(name: str) -> Handler | None:
+    return _HANDLERS.get(name)
+
+
+def handler_names() -> list[str]:
+    return sorted(_HANDLERS)
+
+
+@handler("demo.hello")
+def hello(who: str = "world", **context: Any) -> dict[str, Any]:
+    """Say hello in the worker log: the demo's visible heartbeat."""
+    log.warning("hello, %s (action %s, slot %s)", who, context.get("action"), context.get("slot"))
+    return {"greeted": who}
+
+
+@handler("demo.add")
+def add(a: float, b: float, **_context: Any) -> dict[str, Any]:
+    """Add two numbers."""
+    return {"sum": a + b}
+
+
+@handler("demo.fail")
+def fail(message: str = "this handler always fails", **_context: Any) -> None:
+    """Always fail: shows retries and failed runs."""
+    raise RuntimeError(message)

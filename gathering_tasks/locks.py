@@ -1,0 +1,49 @@
+"""Redis lease locks with tokens: acquire, compare-and-extend, compare-and-release.
+
+redis-py's :class:`redis.lock.Lock` already does the token bookkeeping with Lua scripts
+(release and extend only succeed for the holder of the token); this module gives it the
+non-blocking, never-raising shape the guard and the beat leader need.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import redis
+from redis.exceptions import LockError, RedisError
+
+log = logging.getLogger(__name__)
+
+
+class Lease:
+    """A token-checked lease on ``name`` that lives ``ttl_s`` unless extended."""
+
+    def __init__(self, client: redis.Redis, name: str, ttl_s: float) -> None:
+        self.name = name
+        self.ttl_s = ttl_s
+        self.token = uuid.uuid4().hex
+        self._lock = client.lock(name, timeout=ttl_s, blocking=False, thread_local=False)
+
+    def acquire(self) -> bool:
+        """Take the lease if nobody holds it. False (never an exception) when taken or down."""
+        try:
+            return bool(self._lock.acquire(blocking=False, token=self.token))
+        except RedisError as exc:
+            log.warning("lease acquire failed: %s", exc, extra={"lease": self.name})
+            return False
+
+    def extend(self) -> bool:
+        """Reset the TTL if we still hold the lease; False if it was lost (or Redis is down)."""
+        try:
+            return bool(self._lock.extend(self.ttl_s, replace_ttl=True))
+        except (LockError, RedisError) as exc:
+            log.warning("lease lost: %s", exc, extra={"lease": self.name})
+            return False
+
+    def release(self) -> None:
+        """Give the lease back if we still hold it; a lost lease is left alone."""
+        try:
+            self._lock.release()
+        except (LockError, RedisError) as exc:
+            log.info("lease not released: %s", exc, extra={"lease": self.name})

@@ -1,0 +1,146 @@
+"""Exceptions of the skills, each under the root class that tells the caller how to respond.
+
+* :class:`SsrfRefused`, :class:`ResponseTooLarge`, :class:`TooManyRedirects`,
+  :class:`SecretNotAvailable`, :class:`SmtpNotConfigured` -- permanent.
+* :class:`HttpStatusFailure` and :class:`HttpTransportFailure` come in a permanent and a
+  retryable flavour. A failure is retryable only when it may pass (timeouts, connection
+  errors, 429, 5xx) *and* repeating the request is safe (idempotent method, or ``retry: true``
+  in the request); otherwise the permanent flavour is raised.
+* :class:`NotificationFailed` (batch) is retryable only when every failed required channel
+  failed retryably.
+
+Messages name the reason and the host, never a secret, a header value or a whole body.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from gathering_tasks.errors import GatheringError, PermanentFailure, RetryableFailure
+
+if TYPE_CHECKING:
+    from gathering_tasks.skills.notifications import ChannelOutcome
+    from gathering_tasks.skills.ssrf import Verdict
+
+TransportKind = Literal["timeout", "connect", "dns", "tls", "protocol"]
+
+
+class SsrfRefused(PermanentFailure):
+    """The request was refused: its target is not a public address nor allowlisted."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        self.verdict = verdict
+        detail = verdict.describe()
+        suffix = f": {detail}" if detail else ""
+        super().__init__(f"request refused ({verdict.reason}){suffix}")
+
+    @property
+    def reason(self) -> str:
+        """The refusal reason, e.g. ``"loopback"`` or ``"userinfo-in-url"``."""
+        return str(self.verdict.reason)
+
+
+class SecretNotAvailable(PermanentFailure):
+    """A secret referenced by environment variable name is not set in this worker."""
+
+    def __init__(self, env_name: str) -> None:
+        self.env_name = env_name
+        super().__init__(f"environment variable {env_name} is not set (referenced as a secret)")
+
+
+class HttpFailure(GatheringError):
+    """An HTTP call failed. ``attempts`` is how many attempts were made."""
+
+    attempts: int = 1
+
+
+class HttpStatusFailure(HttpFailure):
+    """The server answered with a status that was not expected."""
+
+    def __init__(self, status_code: int, host: str, body_excerpt: str = "") -> None:
+        self.status_code = status_code
+        self.host = host
+        # Kept out of the message: Flower and logs show messages, bodies may echo input.
+        self.body_excerpt = body_excerpt
+        self.retry_after_s: float | None = None
+        super().__init__(f"HTTP {status_code} from {host}")
+
+
+class PermanentHttpStatus(HttpStatusFailure, PermanentFailure):
+    """The server answered with an unexpected status; retrying will not help (or is unsafe)."""
+
+
+class RetryableHttpStatus(HttpStatusFailure, RetryableFailure):
+    """The server answered 429 or 5xx to a request that is safe to repeat."""
+
+
+class HttpTransportFailure(HttpFailure):
+    """No usable response: timeout, connection, DNS, TLS or protocol error."""
+
+    def __init__(self, kind: TransportKind, host: str, detail: str = "") -> None:
+        self.kind = kind
+        self.host = host
+        suffix = f": {detail}" if detail else ""
+        super().__init__(f"HTTP {kind} failure talking to {host}{suffix}")
+
+
+class PermanentHttpTransport(HttpTransportFailure, PermanentFailure):
+    """A transport failure on a request that is not safe to repeat (or cannot pass)."""
+
+
+class RetryableHttpTransport(HttpTransportFailure, RetryableFailure):
+    """A transport failure on a request that is safe to repeat."""
+
+
+class ResponseTooLarge(HttpFailure, PermanentFailure):
+    """The response body exceeded the configured cap."""
+
+    def __init__(self, host: str, max_bytes: int) -> None:
+        self.host = host
+        self.max_bytes = max_bytes
+        super().__init__(f"response too large from {host}: more than {max_bytes} bytes")
+
+
+class TooManyRedirects(HttpFailure, PermanentFailure):
+    """The redirect chain was longer than allowed."""
+
+    def __init__(self, host: str, max_redirects: int) -> None:
+        self.host = host
+        super().__init__(f"too many redirects (more than {max_redirects}), last from {host}")
+
+
+class SmtpNotConfigured(PermanentFailure):
+    """Email cannot be sent: no SMTP host is configured (GATHERING_SMTP_HOST)."""
+
+
+class SmtpFailure(GatheringError):
+    """The SMTP server refused or failed the message."""
+
+    def __init__(self, detail: str, code: int | None = None) -> None:
+        self.code = code
+        super().__init__(f"SMTP failure: {detail}")
+
+
+class PermanentSmtpFailure(SmtpFailure, PermanentFailure):
+    """The SMTP server refused the message or the credentials (5xx, auth)."""
+
+
+class RetryableSmtpFailure(SmtpFailure, RetryableFailure):
+    """The SMTP server was unreachable or answered a transient (4xx) error."""
+
+
+class NotificationFailed(GatheringError):
+    """A batch notification failed: at least one required channel failed."""
+
+    def __init__(self, outcomes: tuple[ChannelOutcome, ...]) -> None:
+        self.outcomes = outcomes
+        failed = [o.channel for o in outcomes if o.required and not o.ok]
+        super().__init__(f"required notification channel(s) failed: {', '.join(failed)}")
+
+
+class PermanentNotificationFailure(NotificationFailed, PermanentFailure):
+    """A required channel failed permanently."""
+
+
+class RetryableNotificationFailure(NotificationFailed, RetryableFailure):
+    """Every failed required channel failed for a reason that may pass."""

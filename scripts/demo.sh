@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Run the main job on the embedded default (SQLite file in var/): Redis, migrations, demo
+# actions, then beat + a worker + Flower (on 127.0.0.1:5555) under honcho. Ctrl-C stops all.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${VENV:-.venv}/bin
+export PATH="$PWD/$BIN:$PATH"
+mkdir -p var
+
+scripts/ensure-services.sh --redis-only
+REDIS_PORT=${REDIS_PORT:-6379}
+export GATHERING_REDIS_URL=${GATHERING_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT/0}
+if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+  echo "starting Redis on 127.0.0.1:$REDIS_PORT (data in var/)"
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$PWD/var" --daemonize yes \
+    --pidfile "$PWD/var/redis.pid" --logfile "$PWD/var/redis.log" --save "" --appendonly no
+  for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+
+gathering-tasks db upgrade
+gathering-tasks demo seed
+echo "Flower: http://127.0.0.1:${FLOWER_PORT:-5555}   (Ctrl-C stops everything)"
+exec honcho start -f Procfile worker beat flower
