@@ -242,7 +242,9 @@ def encode_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def auth_header(auth: BearerAuth | BasicAuth | ApiKeyAuth, env: Mapping[str, str]) -> tuple[str, str]:
+def auth_header(
+    auth: BearerAuth | BasicAuth | ApiKeyAuth, env: Mapping[str, str]
+) -> tuple[str, str]:
     """(header name, header value) for ``auth``; the value holds the secret."""
     if isinstance(auth, BearerAuth):
         return "Authorization", f"Bearer {read_secret(env, auth.token_env)}"

@@ -442,7 +442,9 @@ class AllowList:
             try:
                 name, ip = parse_host(entry.strip())
             except SsrfRefused:
-                raise InvalidInput(f"not a host name: {entry!r}", field="http_allow_hosts") from None
+                raise InvalidInput(
+                    f"not a host name: {entry!r}", field="http_allow_hosts"
+                ) from None
             if ip is None:
                 names.add(name)
             else:

@@ -1,0 +1,123 @@
+"""The execution guard: the same run delivered many times at once executes once."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import UTC, datetime
+
+import redis
+
+from gathering_tasks.api import ActionService
+from gathering_tasks.beat import SlotPlanner
+from gathering_tasks.db.repo import Claim, Repository, RunContext
+from gathering_tasks.errors import PermanentFailure
+from gathering_tasks.runs import ExecutionGuard, GuardConfig
+from gathering_tasks.settings import Settings
+
+
+def make_guard(repo: Repository, settings: Settings, published: list[Claim]) -> ExecutionGuard:
+    config = GuardConfig(
+        key_prefix="test",
+        lease_ttl_s=settings.run_lease_ttl_s,
+        heartbeat_interval_s=0.2,
+        max_result_bytes=settings.max_result_bytes,
+    )
+    return ExecutionGuard(
+        repo,
+        redis.Redis.from_url(settings.redis_url),
+        config,
+        publish_retry=lambda claim, _delay: published.append(claim),
+    )
+
+
+def one_run(repo: Repository, settings: Settings, **extra: object) -> int:
+    now = datetime.now(UTC)
+    svc = ActionService(repo, settings, task_allowed=lambda _n: True, clock=lambda: now)
+    svc.create(
+        {
+            "name": "g",
+            "action_type": "run_task",
+            "config": {"task": "demo.add", "args": [1, 2]},
+            "schedule": {"kind": "once", "at": now.isoformat()},
+            **extra,
+        }
+    )
+    (claim,) = repo.claim_due(now, limit=1, plan=SlotPlanner(now))
+    return claim.run_id
+
+
+def test_twenty_concurrent_deliveries_execute_once(repo: Repository, settings: Settings):
+    # Given one pending run
+    run_id = one_run(repo, settings)
+    guard = make_guard(repo, settings, [])
+    executed: list[int] = []
+    barrier = threading.Barrier(20)
+
+    def executor(run: RunContext) -> dict[str, int]:
+        executed.append(run.attempt)
+        return {"ok": 1}
+
+    outcomes: list[str] = []
+
+    def deliver(i: int) -> None:
+        barrier.wait()
+        outcomes.append(guard.execute(run_id, executor, worker=f"w{i}", task_id=f"t{i}"))
+
+    # When the same run is delivered 20 times at once
+    threads = [threading.Thread(target=deliver, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    # Then it executed once, and the record shows one succeeded attempt
+    assert executed == [1]
+    assert Counter(outcomes) == Counter({"succeeded": 1, "skipped": 19})
+    record = repo.get_run(run_id)
+    assert (record["status"], record["attempt"], record["result"]) == ("succeeded", 1, {"ok": 1})
+    # And a late redelivery after completion does nothing
+    assert guard.execute(run_id, executor, worker="late", task_id="late") == "skipped"
+    assert executed == [1]
+
+
+def test_failure_is_retried_then_failed_never_success(repo: Repository, settings: Settings):
+    run_id = one_run(repo, settings, retry_max_attempts=2, retry_backoff_s=0)
+    published: list[Claim] = []
+    guard = make_guard(repo, settings, published)
+
+    def boom(_run: RunContext) -> None:
+        raise RuntimeError("remote said no")
+
+    assert guard.execute(run_id, boom, worker="w", task_id="1") == "retrying"
+    assert repo.get_run(run_id)["status"] == "retrying"
+    assert [c.run_id for c in published] == [run_id]
+    assert guard.execute(run_id, boom, worker="w", task_id="2") == "failed"
+    record = repo.get_run(run_id)
+    assert record["status"] == "failed" and record["attempt"] == 2
+    assert "remote said no" in record["error"]
+
+
+def test_permanent_failure_is_not_retried(repo: Repository, settings: Settings):
+    run_id = one_run(repo, settings, retry_max_attempts=5)
+    guard = make_guard(repo, settings, [])
+
+    def refuse(_run: RunContext) -> None:
+        raise PermanentFailure("config is wrong")
+
+    assert guard.execute(run_id, refuse, worker="w", task_id="1") == "failed"
+    assert repo.get_run(run_id)["attempt"] == 1
+
+
+def test_zombie_attempt_cannot_overwrite_a_newer_one(repo: Repository, settings: Settings):
+    # Given attempt 1 presumed lost and requeued, then attempt 2 running
+    run_id = one_run(repo, settings)
+    now = datetime.now(UTC)
+    first = repo.start_run(run_id, worker="old", task_id="1", now=now)
+    assert first is not None
+    assert repo.requeue_lost(run_id, first.attempt, now=now, error="lost")
+    second = repo.start_run(run_id, worker="new", task_id="2", now=now)
+    assert second is not None and second.attempt == 2
+    # When the old worker comes back and reports, it is fenced out
+    assert not repo.finish_run(run_id, 1, status="succeeded", now=now)
+    assert repo.finish_run(run_id, 2, status="succeeded", now=now)
+    assert repo.get_run(run_id)["worker"] == "new"

@@ -1,0 +1,85 @@
+"""The Celery configuration derived from settings, and the deployment files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gathering_tasks.app import celery_config
+from gathering_tasks.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_json_only_and_late_acks():
+    conf = celery_config(Settings())
+    assert conf["task_serializer"] == "json"
+    assert conf["accept_content"] == ["json"]
+    assert conf["result_accept_content"] == ["json"]
+    assert conf["task_acks_late"] is True
+    assert conf["task_reject_on_worker_lost"] is True
+    assert conf["worker_send_task_events"] is True
+    assert conf["worker_prefetch_multiplier"] == 1
+
+
+def test_visibility_timeout_is_above_the_longest_time_limit():
+    settings = Settings(task_time_limit_s=600)
+    conf = celery_config(settings)
+    assert conf["broker_transport_options"]["visibility_timeout"] > conf["task_time_limit"]
+    assert conf["task_soft_time_limit"] < conf["task_time_limit"]
+
+
+def test_broker_defaults_to_redis_url(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("GATHERING_REDIS_URL", "redis://127.0.0.1:6390/2")
+    assert Settings().broker_url == "redis://127.0.0.1:6390/2"
+    monkeypatch.setenv("GATHERING_BROKER_URL", "redis://127.0.0.1:6391/0")
+    assert Settings().broker_url == "redis://127.0.0.1:6391/0"
+
+
+def test_lists_from_environment(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("GATHERING_HTTP_ALLOW_NETWORKS", "127.0.0.1/32, ::1/128")
+    monkeypatch.setenv("GATHERING_RUN_TASK_ALLOWLIST", '["a.b", "c.d"]')
+    settings = Settings()
+    assert settings.http_allow_networks == ["127.0.0.1/32", "::1/128"]
+    assert settings.run_task_allowlist == ["a.b", "c.d"]
+
+
+def test_secrets_and_urls_are_not_printed(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("GATHERING_SMTP_PASSWORD", "hunter2-secret")
+    monkeypatch.setenv("GATHERING_DATABASE_URL", "postgresql://u:pg-secret@127.0.0.1/db")
+    text = repr(Settings()) + str(Settings())
+    assert "hunter2-secret" not in text
+    assert "pg-secret" not in text
+
+
+def test_malformed_setting_is_a_clear_error(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("GATHERING_BEAT_TICK_S", "soon")
+    with pytest.raises(ValueError, match="beat_tick_s"):
+        Settings()
+
+
+def test_compose_file_is_valid_and_consistent():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "redis", "migrate", "worker", "beat", "flower"} <= set(services)
+    assert services["beat"]["deploy"]["replicas"] == 2
+    assert "FLOWER_BASIC_AUTH" in services["flower"]["environment"]
+    db_urls = {
+        services[name]["environment"]["GATHERING_DATABASE_URL"]
+        for name in ("migrate", "worker", "beat", "flower")
+    }
+    redis_urls = {
+        services[name]["environment"]["GATHERING_REDIS_URL"]
+        for name in ("migrate", "worker", "beat", "flower")
+    }
+    assert len(db_urls) == 1 and len(redis_urls) == 1
+    assert services["migrate"]["command"] == ["gathering-tasks", "db", "upgrade"]
+
+
+def test_procfile_has_the_four_processes():
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    kinds = {line.split(":", 1)[0] for line in lines if line.strip()}
+    assert kinds == {"release", "worker", "beat", "flower"}
+    assert any("celery -A gathering_tasks beat" in line for line in lines)
