@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gathering_tasks.errors import InvalidInput
 from gathering_tasks.schedules import Schedule, parse_schedule
-from gathering_tasks.skills.http import parse_call_api_config
-from gathering_tasks.skills.notifications import parse_notification_config
+from gathering_tasks.skills.http_spec import parse_call_api_config
+from gathering_tasks.skills.notification_config import parse_notification_config
 
 ActionType = Literal["run_task", "execute_pipeline", "send_notification", "call_api"]
 ACTION_TYPES: tuple[ActionType, ...] = (

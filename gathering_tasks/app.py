@@ -56,7 +56,9 @@ app = Celery("gathering_tasks")
 app.conf.update(celery_config(get_settings()))
 
 
-@worker_process_init.connect
 def _after_fork(**_kwargs: Any) -> None:
     # Pooled DB and Redis connections must not be shared across a fork.
     runtime.reset(after_fork=True)
+
+
+worker_process_init.connect(_after_fork, weak=False)

@@ -11,6 +11,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from gathering_tasks import runtime
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[..., Any]
@@ -52,3 +54,11 @@ def add(a: float, b: float, **_context: Any) -> dict[str, Any]:
 def fail(message: str = "this handler always fails", **_context: Any) -> None:
     """Always fail: shows retries and failed runs."""
     raise RuntimeError(message)
+
+
+@handler("demo.record")
+def record(key: str, **context: Any) -> dict[str, Any]:
+    """Append ``run_id@slot`` to the Redis list ``key``: an observable, countable effect."""
+    mark = f"{context.get('run_id')}@{context.get('slot')}"
+    runtime.redis_client().rpush(key, mark)
+    return {"recorded": mark}

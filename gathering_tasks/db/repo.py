@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Row, and_, delete, func, or_, select, update
@@ -241,18 +242,25 @@ class Repository:
         )
         if self.dialect == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True, of=a)
-        with self._claim_session() as session, session.begin():
+        with self._write_tx() as session:
             rows = session.execute(stmt).all()
             if not rows:
                 return []
             busy = self._busy_actions(session, [r.id for r in rows if r.overlap_policy == "skip"])
             return self._claim_rows(session, rows, busy, now, plan)
 
-    def _claim_session(self) -> Session:
-        session = self._factory()
-        if self.dialect == "sqlite":
-            session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
-        return session
+    @contextmanager
+    def _write_tx(self) -> Iterator[Session]:
+        """A transaction that takes its write locks up front (SQLite: BEGIN IMMEDIATE)."""
+        with self._factory() as session:
+            if self.dialect == "sqlite":
+                session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
 
     @staticmethod
     def _busy_actions(session: Session, action_ids: Sequence[int]) -> set[int]:
@@ -328,10 +336,7 @@ class Repository:
         stmt = select(func.min(a.next_run_at)).where(a.status == "active")
         with self._factory() as session:
             value: datetime | None = session.execute(stmt).scalar_one_or_none()
-        # func.min loses the column type on some dialects; normalise to aware UTC.
-        if isinstance(value, str):
-            value = datetime.fromisoformat(value)
-        return value.replace(tzinfo=UTC) if value and value.tzinfo is None else value
+        return value
 
     def trigger_now(self, name: str, *, now: datetime, trigger: str = "manual") -> Claim:
         """A run outside the schedule (CLI, API). It still goes through the guard."""
@@ -461,7 +466,7 @@ class Repository:
         )
         if self.dialect == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True, of=r)
-        with self._claim_session() as session, session.begin():
+        with self._write_tx() as session:
             rows = session.execute(stmt).all()
             if rows:
                 session.execute(
@@ -488,7 +493,16 @@ class Repository:
             .limit(limit)
         )
         with self._factory() as session:
-            return [StaleRun(*row) for row in session.execute(stmt).all()]
+            return [
+                StaleRun(
+                    run_id=row.id,
+                    attempt=row.attempt,
+                    started_at=row.started_at or now,
+                    timeout_s=row.timeout_s,
+                    retry_max_attempts=row.retry_max_attempts,
+                )
+                for row in session.execute(stmt).all()
+            ]
 
     def requeue_lost(self, run_id: int, attempt: int, *, now: datetime, error: str) -> bool:
         """Put a lost attempt back to ``pending`` (fenced by attempt) for another delivery."""

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Annotated
 
 from pydantic import AfterValidator, ValidationError
+from pydantic_core import ErrorDetails
 
 from gathering_tasks.errors import InvalidInput
 from gathering_tasks.skills.errors import SecretNotAvailable
@@ -20,7 +21,8 @@ _RESERVED_ENV_PREFIX = "GATHERING_"
 INLINE_SECRET_KEYS = frozenset({"token", "password", "value", "secret", "api_key", "key"})
 
 
-def _check_env_name(name: str) -> str:
+def check_env_name(name: str) -> str:
+    """Accept an environment variable name that an action may reference; else ValueError."""
     if not _ENV_NAME.match(name):
         raise ValueError("must be an environment variable name (letters, digits, underscore)")
     if name.upper().startswith(_RESERVED_ENV_PREFIX):
@@ -28,7 +30,7 @@ def _check_env_name(name: str) -> str:
     return name
 
 
-EnvName = Annotated[str, AfterValidator(_check_env_name)]
+EnvName = Annotated[str, AfterValidator(check_env_name)]
 """The *name* of an environment variable that holds a secret (never the secret itself)."""
 
 
@@ -50,22 +52,31 @@ def _field_path(loc: tuple[int | str, ...], tags: frozenset[str]) -> str:
     return ".".join(str(part) for part in loc if not (isinstance(part, str) and part in tags))
 
 
+def _is_inline_secret(error: ErrorDetails, tags: frozenset[str]) -> bool:
+    path = _field_path(tuple(error["loc"]), tags)
+    return error["type"] == "extra_forbidden" and path.rsplit(".", 1)[-1] in INLINE_SECRET_KEYS
+
+
 def invalid_input(exc: ValidationError, *, tags: frozenset[str], tag_field: str) -> InvalidInput:
     """The first pydantic error as :class:`InvalidInput` naming the field (``auth.token_env``).
 
     ``tags`` are the discriminator values of the schema's tagged unions and ``tag_field`` the
-    discriminator name, so an unknown or missing tag is reported on that field.
+    discriminator name, so an unknown or missing tag is reported on that field. An inline
+    secret is reported before anything else (it explains the missing ``*_env`` field).
     """
-    error = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    inline = [e for e in errors if _is_inline_secret(e, tags)]
+    error = (inline or errors)[0]
     path = _field_path(tuple(error["loc"]), tags)
     kind = error["type"]
-    message = str(error["msg"])
+    message = str(error["msg"]).removeprefix("Value error, ")
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         path = f"{path}.{tag_field}" if path else tag_field
-        message = f"must be one of: {', '.join(sorted(tags))}"
+        expected = error.get("ctx", {}).get("expected_tags", ", ".join(sorted(tags)))
+        message = f"must be one of: {expected}"
         if kind == "union_tag_invalid":
             message = f"unknown value; {message}"
-    elif kind == "extra_forbidden" and path.rsplit(".", 1)[-1] in INLINE_SECRET_KEYS:
+    elif inline:
         message = "inline secrets are not accepted; name an environment variable (*_env) instead"
     elif kind == "missing":
         message = "field required"

@@ -52,6 +52,11 @@ class HttpFailure(GatheringError):
     """An HTTP call failed. ``attempts`` is how many attempts were made."""
 
     attempts: int = 1
+    host: str = ""
+
+    def record(self) -> dict[str, object]:
+        """Failure data for the run record (no secrets, bounded)."""
+        return {"host": self.host, "attempts": self.attempts}
 
 
 class HttpStatusFailure(HttpFailure):
@@ -64,6 +69,14 @@ class HttpStatusFailure(HttpFailure):
         self.body_excerpt = body_excerpt
         self.retry_after_s: float | None = None
         super().__init__(f"HTTP {status_code} from {host}")
+
+    def record(self) -> dict[str, object]:
+        """Status, host, attempts and the bounded body excerpt."""
+        return {
+            **super().record(),
+            "status_code": self.status_code,
+            "body_excerpt": self.body_excerpt,
+        }
 
 
 class PermanentHttpStatus(HttpStatusFailure, PermanentFailure):
@@ -134,8 +147,12 @@ class NotificationFailed(GatheringError):
 
     def __init__(self, outcomes: tuple[ChannelOutcome, ...]) -> None:
         self.outcomes = outcomes
-        failed = [o.channel for o in outcomes if o.required and not o.ok]
+        failed = [o.label for o in outcomes if o.required and not o.ok]
         super().__init__(f"required notification channel(s) failed: {', '.join(failed)}")
+
+    def record(self) -> dict[str, object]:
+        """The per-channel outcomes, for the run record."""
+        return {"outcomes": [outcome.to_record() for outcome in self.outcomes]}
 
 
 class PermanentNotificationFailure(NotificationFailed, PermanentFailure):

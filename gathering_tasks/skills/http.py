@@ -326,6 +326,24 @@ def _check_key(idempotency_key: str) -> None:
         raise InvalidInput("must be 1-255 characters without line breaks", field="idempotency_key")
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    """What every hop of one attempt shares."""
+
+    key: str
+    deadline: float
+    retry_safe: bool
+
+    def transport_failure(self, kind: TransportKind, host: str, detail: str = "") -> HttpFailure:
+        return _transport_failure(kind, host, self.retry_safe, detail)
+
+    def remaining_s(self, host: str) -> float:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise self.transport_failure("timeout", host, "total time budget spent")
+        return remaining
+
+
 class GuardedHttpClient:
     """Sends requests under an :class:`HttpPolicy`. Thread-safe; holds no connections.
 
@@ -357,14 +375,16 @@ class GuardedHttpClient:
         """Send ``request`` with vetting, pinning, caps and retries (see module docstring)."""
         _check_key(idempotency_key)
         started = time.monotonic()
-        deadline = started + self.policy.total_budget_s
+        context = _Attempt(
+            idempotency_key, started + self.policy.total_budget_s, request.retry_safe
+        )
         attempts = 0
 
         def attempt() -> _Exchange:
             nonlocal attempts
             attempts += 1
             try:
-                return self._follow(request, idempotency_key, deadline)
+                return self._follow(request, context)
             except HttpFailure as exc:
                 exc.attempts = attempts
                 raise
@@ -406,21 +426,21 @@ class GuardedHttpClient:
 
     # --- one attempt: a chain of hops ---------------------------------------------------
 
-    def _follow(self, request: OutgoingRequest, key: str, deadline: float) -> _Exchange:
-        retry_safe = request.retry_safe
+    def _follow(self, request: OutgoingRequest, context: _Attempt) -> _Exchange:
         current = request
+        host = ""
         for _hop in range(request.max_redirects + 1):
-            pinned = self._vet(current.url, retry_safe)
-            exchange = self._exchange(current, pinned, key, deadline, retry_safe)
-            redirect = exchange.status_code in REDIRECT_STATUSES and exchange.location
-            if not (request.follow_redirects and redirect):
-                return self._judge(current, exchange, retry_safe)
+            pinned = self._vet(current.url, context)
+            host = pinned.target.host
+            exchange = self._exchange(current, pinned, context)
+            if not (request.follow_redirects and _is_redirect(exchange)):
+                return self._judge(current, exchange, context)
             current = redirect_request(
                 current, pinned.target, exchange.status_code, exchange.location or ""
             )
-        raise TooManyRedirects(pinned.target.host, request.max_redirects)
+        raise TooManyRedirects(host, request.max_redirects)
 
-    def _vet(self, url: str, retry_safe: bool) -> PinnedTarget:
+    def _vet(self, url: str, context: _Attempt) -> PinnedTarget:
         target = parse_url(url)
         allow = self.policy.allow
         check_target(target, allow)
@@ -429,40 +449,38 @@ class GuardedHttpClient:
         try:
             addresses = self._resolver(target.host, target.port)
         except OSError as exc:
-            raise _transport_failure("dns", target.host, retry_safe, type(exc).__name__) from exc
+            raise context.transport_failure("dns", target.host, type(exc).__name__) from exc
         return PinnedTarget(target, vet_addresses(target, addresses, allow))
 
-    def _judge(self, request: OutgoingRequest, exchange: _Exchange, retry_safe: bool) -> _Exchange:
+    def _judge(self, request: OutgoingRequest, exchange: _Exchange, context: _Attempt) -> _Exchange:
         if request.is_expected(exchange.status_code):
             return exchange
         excerpt = _decode(exchange.body[: self.policy.excerpt_bytes], exchange.encoding)
-        raise _status_failure(exchange, excerpt, retry_safe, self._clock())
+        raise _status_failure(exchange, excerpt, context.retry_safe, self._clock())
 
     def _timeouts(
-        self, request: OutgoingRequest, deadline: float, host: str, retry_safe: bool
+        self, request: OutgoingRequest, host: str, context: _Attempt
     ) -> tuple[float, float]:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _transport_failure("timeout", host, retry_safe, "total time budget spent")
+        remaining = context.remaining_s(host)
+        policy = self.policy
+        # A request may shorten the policy's timeouts, never lengthen them.
         connect = min(
-            request.connect_timeout_s or self.policy.connect_timeout_s,
-            self.policy.connect_timeout_s,
+            request.connect_timeout_s or policy.connect_timeout_s, policy.connect_timeout_s
         )
-        read = min(request.read_timeout_s or self.policy.read_timeout_s, self.policy.read_timeout_s)
+        read = min(request.read_timeout_s or policy.read_timeout_s, policy.read_timeout_s)
         return min(connect, remaining), min(read, remaining)
 
     def _exchange(
-        self,
-        request: OutgoingRequest,
-        pinned: PinnedTarget,
-        key: str,
-        deadline: float,
-        retry_safe: bool,
+        self, request: OutgoingRequest, pinned: PinnedTarget, context: _Attempt
     ) -> _Exchange:
         target = pinned.target
         headers = {"Accept": "*/*", **dict(request.headers)}
         headers.update(
-            {"Host": target.authority, "User-Agent": self.policy.user_agent, "Idempotency-Key": key}
+            {
+                "Host": target.authority,
+                "User-Agent": self.policy.user_agent,
+                "Idempotency-Key": context.key,
+            }
         )
         prepared = requests.Request(
             request.method,
@@ -471,17 +489,17 @@ class GuardedHttpClient:
             params=list(request.params),
             data=request.body,
         ).prepare()
-        timeout = self._timeouts(request, deadline, target.host, retry_safe)
+        timeout = self._timeouts(request, target.host, context)
         adapter = _PinnedAdapter(pinned)
         try:
             response = adapter.send(
                 prepared, stream=True, timeout=timeout, verify=self.policy.ca_bundle or True
             )
             with response:
-                return self._read(response, request, target, deadline, retry_safe)
+                return self._read(response, request, target, context)
         except requests.RequestException as exc:
             kind = _classify_request_error(exc)
-            raise _transport_failure(kind, target.host, retry_safe, type(exc).__name__) from exc
+            raise context.transport_failure(kind, target.host, type(exc).__name__) from exc
         finally:
             adapter.close()
 
@@ -490,18 +508,17 @@ class GuardedHttpClient:
         response: requests.Response,
         request: OutgoingRequest,
         target: UrlTarget,
-        deadline: float,
-        retry_safe: bool,
+        context: _Attempt,
     ) -> _Exchange:
         status = response.status_code
         headers = response.headers
-        is_redirect = request.follow_redirects and status in REDIRECT_STATUSES
         body = b""
-        if not is_redirect and request.method != "HEAD":
+        skip_body = request.follow_redirects and status in REDIRECT_STATUSES
+        if not skip_body and request.method != "HEAD":
             # Unexpected statuses only need an excerpt; expected ones are read up to the cap.
             strict = request.is_expected(status)
             limit = self.policy.max_response_bytes if strict else self.policy.excerpt_bytes
-            body = self._read_capped(response, limit, strict, deadline, target.host, retry_safe)
+            body = _read_capped(response, limit, strict=strict, host=target.host, context=context)
         return _Exchange(
             target=target,
             status_code=status,
@@ -511,29 +528,6 @@ class GuardedHttpClient:
             location=headers.get("Location"),
             retry_after=headers.get("Retry-After"),
         )
-
-    def _read_capped(
-        self,
-        response: requests.Response,
-        limit: int,
-        strict: bool,
-        deadline: float,
-        host: str,
-        retry_safe: bool,
-    ) -> bytes:
-        declared = response.headers.get("Content-Length", "")
-        if strict and declared.isascii() and declared.isdigit() and int(declared) > limit:
-            raise ResponseTooLarge(host, limit)
-        buffer = bytearray()
-        for chunk in response.iter_content(chunk_size=_CHUNK_BYTES):
-            buffer += chunk
-            if len(buffer) > limit:
-                if strict:
-                    raise ResponseTooLarge(host, limit)
-                return bytes(buffer[:limit])
-            if time.monotonic() > deadline:
-                raise _transport_failure("timeout", host, retry_safe, "total time budget spent")
-        return bytes(buffer)
 
     # --- retry plumbing -------------------------------------------------------------------
 
@@ -556,3 +550,26 @@ class GuardedHttpClient:
                 "http_host": getattr(exc, "host", None),
             },
         )
+
+
+def _is_redirect(exchange: _Exchange) -> bool:
+    return exchange.status_code in REDIRECT_STATUSES and bool(exchange.location)
+
+
+def _read_capped(
+    response: requests.Response, limit: int, *, strict: bool, host: str, context: _Attempt
+) -> bytes:
+    """Stream the body; over ``limit``: fail when ``strict``, else truncate."""
+    declared = response.headers.get("Content-Length", "")
+    # The declared length may only make us give up earlier; the count below is what binds.
+    if strict and declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise ResponseTooLarge(host, limit)
+    buffer = bytearray()
+    for chunk in response.iter_content(chunk_size=_CHUNK_BYTES):
+        buffer += chunk
+        if len(buffer) > limit:
+            if strict:
+                raise ResponseTooLarge(host, limit)
+            return bytes(buffer[:limit])
+        context.remaining_s(host)
+    return bytes(buffer)

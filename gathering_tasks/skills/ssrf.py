@@ -202,6 +202,20 @@ def _in_networks(ip: IPAddress, networks: Iterable[IPNetwork]) -> bool:
     return any(ip.version == net.version and ip in net for net in networks)
 
 
+def _classify_v6(ip: ipaddress.IPv6Address, networks: tuple[IPNetwork, ...]) -> Verdict:
+    own = _classify_v6_own(ip)
+    if own is not None:
+        return Verdict(own, str(ip))
+    embedded = _embedded_ipv4(ip)
+    if embedded is None:
+        return ALLOWED if ip.is_global else Verdict(RefusalReason.NON_GLOBAL, str(ip))
+    inner, via = embedded
+    if via == "ipv4-mapped" and _in_networks(inner, networks):
+        return ALLOWED
+    reason = _classify_v4(inner)
+    return ALLOWED if reason is None else Verdict(reason, f"{inner} (in {ip})", via)
+
+
 def classify(ip: IPAddress, allow_networks: Iterable[IPNetwork] = ()) -> Verdict:
     """Is ``ip`` a public address (or inside an allowlisted network)?
 
@@ -215,19 +229,7 @@ def classify(ip: IPAddress, allow_networks: Iterable[IPNetwork] = ()) -> Verdict
     if isinstance(ip, ipaddress.IPv4Address):
         reason = _classify_v4(ip)
         return ALLOWED if reason is None else Verdict(reason, str(ip))
-    own = _classify_v6_own(ip)
-    if own is not None:
-        return Verdict(own, str(ip))
-    embedded = _embedded_ipv4(ip)
-    if embedded is not None:
-        inner, via = embedded
-        if via == "ipv4-mapped" and _in_networks(inner, networks):
-            return ALLOWED
-        inner_reason = _classify_v4(inner)
-        if inner_reason is not None:
-            return Verdict(inner_reason, f"{inner} (in {ip})", via)
-        return ALLOWED
-    return ALLOWED if ip.is_global else Verdict(RefusalReason.NON_GLOBAL, str(ip))
+    return _classify_v6(ip, networks)
 
 
 # --- URL parsing -------------------------------------------------------------------------

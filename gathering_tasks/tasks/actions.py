@@ -22,7 +22,7 @@ from gathering_tasks.errors import NotAvailable, PermanentFailure, TaskTimedOut
 from gathering_tasks.handlers import get_handler
 from gathering_tasks.publish import ACTION_TASKS, publish_claims
 from gathering_tasks.runs import ExecutionGuard, Executor, GuardConfig, Outcome, utcnow
-from gathering_tasks.tasks import skill_calls
+from gathering_tasks.skills import executors as skill_calls
 
 log = logging.getLogger(__name__)
 
@@ -120,32 +120,27 @@ def _execute(task: Task, action_type: str, run_id: int) -> Outcome:
     )
 
 
-@app.task(name=ACTION_TASKS["run_task"], bind=True)
-def run_task(self: Task, run_id: int) -> str:
+def _run_task(self: Task, run_id: int) -> str:
     """Run a registered handler or allowlisted Celery task for run ``run_id``."""
     return _execute(self, "run_task", run_id)
 
 
-@app.task(name=ACTION_TASKS["execute_pipeline"], bind=True)
-def execute_pipeline(self: Task, run_id: int) -> str:
+def _execute_pipeline(self: Task, run_id: int) -> str:
     """Start the pipeline of run ``run_id``."""
     return _execute(self, "execute_pipeline", run_id)
 
 
-@app.task(name=ACTION_TASKS["send_notification"], bind=True)
-def send_notification(self: Task, run_id: int) -> str:
+def _send_notification(self: Task, run_id: int) -> str:
     """Send the notification of run ``run_id`` through its channel(s)."""
     return _execute(self, "send_notification", run_id)
 
 
-@app.task(name=ACTION_TASKS["call_api"], bind=True)
-def call_api(self: Task, run_id: int) -> str:
+def _call_api(self: Task, run_id: int) -> str:
     """Make the HTTP call of run ``run_id`` through the guarded client."""
     return _execute(self, "call_api", run_id)
 
 
-@app.task(name="gathering.trigger_action", bind=True)
-def trigger_action(self: Task, action_name: str) -> int:
+def _trigger_action(_self: Task, action_name: str) -> int:
     """Entry point for other services: run ``action_name`` now (trigger ``api``)."""
     if not isinstance(action_name, str):
         raise PermanentFailure("payload must be an action name (string)")
@@ -153,3 +148,15 @@ def trigger_action(self: Task, action_name: str) -> int:
     _publish_retry(claim, 0.0)
     log.info("action triggered by another service", extra={"run_id": claim.run_id})
     return claim.run_id
+
+
+# Registered without decorator syntax: Celery is untyped, and the task objects are Any.
+run_task: Any = app.task(name=ACTION_TASKS["run_task"], bind=True)(_run_task)
+execute_pipeline: Any = app.task(name=ACTION_TASKS["execute_pipeline"], bind=True)(
+    _execute_pipeline
+)
+send_notification: Any = app.task(name=ACTION_TASKS["send_notification"], bind=True)(
+    _send_notification
+)
+call_api: Any = app.task(name=ACTION_TASKS["call_api"], bind=True)(_call_api)
+trigger_action: Any = app.task(name="gathering.trigger_action", bind=True)(_trigger_action)

@@ -57,7 +57,9 @@ def test_concurrent_claimers_never_double_a_slot(repo: Repository, settings: Set
     # Given 20 actions every second, all due for 30 seconds of slots
     svc = service(repo, settings)
     for i in range(20):
-        svc.create(every_second(f"a{i}", catchup_mode="all", catchup_max=1000))
+        svc.create(
+            every_second(f"a{i}", catchup_mode="all", catchup_max=1000, overlap_policy="allow")
+        )
     claimed: list[int] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
