@@ -50,7 +50,7 @@ def test_two_beats_twenty_actions_every_second_one_run_per_slot(
     for i in range(20):
         svc.create(recorder(f"a{i:02}", "marks", anchor))
     env = stack_env(db_url, redis_url)
-    duration_s = 20
+    duration_s = 60
     with running_stack(env, tmp_path) as stack:
         stack.worker("w1", concurrency=4)
         stack.worker("w2", concurrency=4)
@@ -116,10 +116,12 @@ def test_pause_stops_and_new_action_starts_within_two_seconds(
         assert last_slot is not None and last_slot <= paused_at + timedelta(seconds=2)
         # And a new action starts within 2 s of its creation
         created_at = datetime.now(UTC)
-        svc.create(recorder("second", "second", created_at, every_s=60))
+        first_slot = created_at + timedelta(seconds=1)
+        svc.create(recorder("second", "second", first_slot, every_s=60))
         wait_for(lambda: client.llen("second") >= 1, 30, "the new action to fire")
         with repo._factory() as session:
             started = session.execute(
                 select(ScheduledActionRun.started_at).order_by(ScheduledActionRun.id.desc())
             ).scalar()
         assert started is not None and started - created_at < timedelta(seconds=2)
+        assert started >= first_slot
