@@ -12,7 +12,7 @@ from typing import Any
 from gathering_tasks.actions import ActionSpec, validate_action
 from gathering_tasks.db.repo import Claim, Repository
 from gathering_tasks.errors import InvalidInput
-from gathering_tasks.schedules import Schedule, first_slot
+from gathering_tasks.schedules import Schedule, first_slot, schedule_to_spec
 from gathering_tasks.settings import Settings
 
 
@@ -29,9 +29,12 @@ def initial_slot(spec: ActionSpec, schedule: Schedule, now: datetime) -> datetim
     return slot
 
 
-def _columns(spec: ActionSpec) -> dict[str, Any]:
+def _columns(spec: ActionSpec, schedule: Schedule) -> dict[str, Any]:
     values = spec.model_dump(exclude={"config"})
     values["action_config"] = spec.config
+    # Stored normalised (UTC times, the default interval anchor made explicit), so every
+    # later parse gives the same slots.
+    values["schedule"] = schedule_to_spec(schedule)
     return values
 
 
@@ -66,7 +69,7 @@ class ActionService:
         now = self._clock()
         spec, schedule = self._validate(data, now)
         return self.repo.create_action(
-            _columns(spec), next_run_at=initial_slot(spec, schedule, now), now=now
+            _columns(spec, schedule), next_run_at=initial_slot(spec, schedule, now), now=now
         )
 
     def update(self, name: str, changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -84,7 +87,7 @@ class ActionService:
             raise InvalidInput("cannot be changed; create a new action instead", field="name")
         spec, schedule = self._validate(merged, now)
         return self.repo.update_action(
-            name, _columns(spec), next_run_at=initial_slot(spec, schedule, now), now=now
+            name, _columns(spec, schedule), next_run_at=initial_slot(spec, schedule, now), now=now
         )
 
     def get(self, name: str) -> dict[str, Any]:

@@ -213,3 +213,7 @@ def demo_seed() -> None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -331,8 +331,10 @@ def _parse_interval(spec: Mapping[str, Any], now: datetime) -> Schedule:
         raise InvalidInput("must be a number of seconds", field="schedule.every_s")
     anchor = spec.get("anchor")
     if anchor is None:
-        # Whole seconds keep the default slots readable and their keys stable across retries.
-        anchor_at = _require_aware(now, "now").replace(microsecond=0)
+        # The next whole second: the first slot is at most a second away (not a whole
+        # interval), and whole seconds keep slots readable. Callers store the anchor.
+        at = _require_aware(now, "now")
+        anchor_at = at if at.microsecond == 0 else at.replace(microsecond=0) + timedelta(seconds=1)
     else:
         anchor_at = _parse_instant(anchor, "schedule.anchor")
     return IntervalSchedule(every_s=float(every_s), anchor=anchor_at)
@@ -355,7 +357,7 @@ def parse_schedule(spec: Mapping[str, Any], *, now: datetime) -> Schedule:
 
     Forms: ``{"kind": "cron", "expr": "*/5 * * * *", "timezone": "Europe/Paris"}`` (timezone
     defaults to UTC); ``{"kind": "interval", "every_s": 30, "anchor": "2026-01-01T00:00:00Z"}``
-    (anchor defaults to ``now`` truncated to the second); ``{"kind": "once", "at":
+    (anchor defaults to ``now`` rounded up to the second); ``{"kind": "once", "at":
     "2026-01-01T09:00:00+01:00"}``. Datetimes may be aware ``datetime`` objects or ISO-8601
     strings with an offset; they are stored in UTC. Unknown keys are rejected.
     """

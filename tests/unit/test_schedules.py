@@ -607,9 +607,11 @@ def test_parse_normalises_to_utc_and_defaults() -> None:
         {"kind": "interval", "every_s": 30}, now=NOW + timedelta(microseconds=123_456)
     )
     once = parse_schedule({"kind": "once", "at": "2026-06-01T09:00:00+02:00"}, now=NOW)
-    # Then the zone defaults to UTC, the anchor to now truncated to the second, times are UTC
+    # Then the zone defaults to UTC, the anchor to now rounded up to the second, times are UTC
     assert cron == CronSchedule("*/5 * * * *", timezone="UTC")
-    assert interval == IntervalSchedule(every_s=30.0, anchor=NOW)
+    assert interval == IntervalSchedule(every_s=30.0, anchor=NOW + timedelta(seconds=1))
+    on_the_second = parse_schedule({"kind": "interval", "every_s": 30}, now=NOW)
+    assert on_the_second == IntervalSchedule(every_s=30.0, anchor=NOW)
     assert isinstance(once, OnceSchedule) and once.at == utc(2026, 6, 1, 7)
     assert once.at.tzinfo is UTC
 
