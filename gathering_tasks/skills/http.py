@@ -156,7 +156,12 @@ class HttpPolicy:
 
 @dataclass(frozen=True)
 class HttpResult:
-    """What a successful call returns (and what the run record keeps). No headers."""
+    """What a successful call returns (and what the run record keeps). No headers.
+
+    ``elapsed_ms`` covers every attempt and wait; ``body_excerpt`` is at most
+    ``excerpt_bytes`` of the body, decoded; ``json`` is set only for a JSON body of at most
+    ``max_json_bytes``; ``final_url`` is the last hop's URL without its query string.
+    """
 
     status_code: int
     elapsed_ms: int

@@ -125,9 +125,18 @@ def _check_headers(headers: dict[str, str]) -> dict[str, str]:
             raise ValueError(f"{name} is set by the client and cannot be configured")
         if lowered in CREDENTIAL_HEADERS:
             raise ValueError(f"{name} carries credentials: use 'auth' with an *_env reference")
-        if has_line_break(value) or len(value) > MAX_HEADER_VALUE_CHARS:
+        if has_line_break(value) or len(value) > MAX_HEADER_VALUE_CHARS or not _latin1(value):
             raise ValueError(f"invalid value for header {name!r}")
     return headers
+
+
+def _latin1(text: str) -> bool:
+    # HTTP/1.1 header values go on the wire as ISO-8859-1.
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class HttpRequestSpec(_Strict):

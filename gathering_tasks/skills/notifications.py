@@ -149,7 +149,7 @@ def render(message: Message, context: Mapping[str, object] | None) -> Message:
     escaped = {key: html.escape(value) for key, value in plain.items()}
     return replace(
         message,
-        title=Template(message.title).safe_substitute(plain).replace("\n", " "),
+        title=" ".join(Template(message.title).safe_substitute(plain).splitlines()),
         text=Template(message.text).safe_substitute(plain),
         html=None if message.html is None else Template(message.html).safe_substitute(escaped),
     )
