@@ -8,6 +8,7 @@ A handler is a plain function registered here, or a Celery task registered with 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -62,3 +63,10 @@ def record(key: str, **context: Any) -> dict[str, Any]:
     mark = f"{context.get('run_id')}@{context.get('slot')}"
     runtime.redis_client().rpush(key, mark)
     return {"recorded": mark}
+
+
+@handler("demo.sleep")
+def sleep(seconds: float = 1.0, **_context: Any) -> dict[str, Any]:
+    """Sleep: shows time limits (a run past its ``timeout_s`` is recorded ``timed_out``)."""
+    time.sleep(seconds)
+    return {"slept_s": seconds}
