@@ -117,6 +117,8 @@ class ScheduledActionRun(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     result: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     error: Mapped[str | None] = mapped_column(Text)
+    # One entry per finished attempt: attempt, status, worker, started_at, ended_at, error.
+    attempts: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonType)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 

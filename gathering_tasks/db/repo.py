@@ -17,6 +17,7 @@ from gathering_tasks.db.models import ScheduledAction, ScheduledActionRun
 from gathering_tasks.errors import InvalidInput, NotFound
 
 UNFINISHED = ("pending", "running", "retrying")
+MAX_ATTEMPT_HISTORY = 50
 FINAL = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
 
 
@@ -415,23 +416,53 @@ class Repository:
         error: str | None = None,
     ) -> bool:
         """Close an attempt. Fenced by ``attempt``: a zombie worker cannot overwrite a newer one."""
-        return self._update_attempt(
-            run_id,
-            attempt,
-            status=status,
-            result=result,
-            error=error,
-            finished_at=now,
-            updated_at=now,
+        return self._close_attempt(
+            run_id, attempt, status=status, now=now, error=error, result=result, finished_at=now
         )
 
     def schedule_retry(
         self, run_id: int, attempt: int, *, retry_at: datetime, error: str, now: datetime
     ) -> bool:
         """Park a failed attempt as ``retrying`` until ``retry_at``."""
-        return self._update_attempt(
-            run_id, attempt, status="retrying", retry_at=retry_at, error=error, updated_at=now
+        return self._close_attempt(
+            run_id, attempt, status="retrying", now=now, error=error, retry_at=retry_at
         )
+
+    def _close_attempt(
+        self,
+        run_id: int,
+        attempt: int,
+        *,
+        status: str,
+        now: datetime,
+        error: str | None,
+        **values: Any,
+    ) -> bool:
+        """End attempt ``attempt`` with ``status`` and append it to the run's attempt history."""
+        r = ScheduledActionRun
+        fence = (r.id == run_id, r.attempt == attempt, r.status == "running")
+        query = select(r.attempts, r.started_at, r.worker).where(*fence)
+        if self.dialect == "postgresql":
+            query = query.with_for_update()
+        with self._write_tx() as session:
+            row = session.execute(query).first()
+            if row is None:
+                return False
+            entry = {
+                "attempt": attempt,
+                "status": status,
+                "worker": row.worker,
+                "started_at": row.started_at.isoformat() if row.started_at else None,
+                "ended_at": now.isoformat(),
+                "error": error,
+            }
+            history = [*(row.attempts or []), entry][-MAX_ATTEMPT_HISTORY:]
+            session.execute(
+                update(r)
+                .where(*fence)
+                .values(status=status, error=error, attempts=history, updated_at=now, **values)
+            )
+            return True
 
     def _update_attempt(self, run_id: int, attempt: int, **values: Any) -> bool:
         r = ScheduledActionRun
@@ -506,7 +537,7 @@ class Repository:
 
     def requeue_lost(self, run_id: int, attempt: int, *, now: datetime, error: str) -> bool:
         """Put a lost attempt back to ``pending`` (fenced by attempt) for another delivery."""
-        return self._update_attempt(run_id, attempt, status="pending", error=error, updated_at=now)
+        return self._close_attempt(run_id, attempt, status="pending", now=now, error=error)
 
     def claim_for_publish(self, run_id: int) -> Claim | None:
         r, a = ScheduledActionRun, ScheduledAction

@@ -95,6 +95,9 @@ def test_failure_is_retried_then_failed_never_success(repo: Repository, settings
     record = repo.get_run(run_id)
     assert record["status"] == "failed" and record["attempt"] == 2
     assert "remote said no" in record["error"]
+    # every attempt is recorded
+    history = [(a["attempt"], a["status"], a["worker"]) for a in record["attempts"]]
+    assert history == [(1, "retrying", "w"), (2, "failed", "w")]
 
 
 def test_permanent_failure_is_not_retried(repo: Repository, settings: Settings):
