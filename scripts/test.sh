@@ -7,8 +7,8 @@ BIN=${VENV:-.venv}/bin
 
 scripts/ensure-services.sh
 echo "== ruff"
-"$BIN/ruff" check gathering_tasks tests bench
-"$BIN/ruff" format --check gathering_tasks tests bench
+"$BIN/ruff" check gathering_tasks tests bench config
+"$BIN/ruff" format --check gathering_tasks tests bench config
 echo "== mypy --strict"
 "$BIN/mypy" --strict gathering_tasks
 echo "== pytest"

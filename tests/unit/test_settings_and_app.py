@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,29 @@ def test_procfile_has_the_four_processes():
     kinds = {line.split(":", 1)[0] for line in lines if line.strip()}
     assert kinds == {"release", "worker", "beat", "flower"}
     assert any("celery -A gathering_tasks beat" in line for line in lines)
+
+
+def test_flower_refuses_exposure_without_auth():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
+    code = "import runpy; runpy.run_path('config/flowerconfig.py')"
+    exposed = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "FLOWER_ADDRESS": "0.0.0.0"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert exposed.returncode != 0 and "without authentication" in exposed.stderr
+    with_auth = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "FLOWER_ADDRESS": "0.0.0.0", "FLOWER_BASIC_AUTH": "u:p"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    loopback = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert with_auth.returncode == 0 and loopback.returncode == 0
