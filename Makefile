@@ -23,8 +23,8 @@ test: setup
 	@scripts/test.sh
 
 lint: setup
-	$(BIN)/ruff check gathering_tasks tests bench
-	$(BIN)/ruff format --check gathering_tasks tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict gathering_tasks
 
 bench: setup

@@ -7,8 +7,8 @@ BIN=${VENV:-.venv}/bin
 
 scripts/ensure-services.sh
 echo "== ruff"
-"$BIN/ruff" check gathering_tasks tests bench config
-"$BIN/ruff" format --check gathering_tasks tests bench config
+"$BIN/ruff" check .
+"$BIN/ruff" format --check .
 echo "== mypy --strict"
 "$BIN/mypy" --strict gathering_tasks
 echo "== pytest"
