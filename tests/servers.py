@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psycopg2
 import redis
+from pytest_httpserver import HTTPServer
 
 
 class ServerMissing(RuntimeError):
@@ -216,3 +217,14 @@ def running_postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+def serving_http(srv: HTTPServer) -> Iterator[HTTPServer]:
+    """Run a pytest-httpserver server for the duration of a generator fixture."""
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.clear()
+        if srv.is_running():
+            srv.stop()

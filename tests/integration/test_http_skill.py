@@ -40,6 +40,7 @@ from gathering_tasks.skills.http import (
     parse_call_api_config,
     parse_retry_after,
 )
+from tests.servers import serving_http
 
 LOOPBACK = ("127.0.0.1/32",)
 KEY = "run-42:node-a"
@@ -47,29 +48,6 @@ NOW_S = 1_800_000_000.0
 
 
 # --- fixtures and helpers -----------------------------------------------------------------
-
-
-def _running(srv: HTTPServer) -> Iterator[HTTPServer]:
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.clear()
-        if srv.is_running():
-            srv.stop()
-
-
-@pytest.fixture(scope="module")
-def _shared_server() -> Iterator[HTTPServer]:
-    # One server per module: stopping one takes half a second (werkzeug's poll interval).
-    yield from _running(HTTPServer(host="127.0.0.1", port=0, threaded=True))
-
-
-@pytest.fixture
-def server(_shared_server: HTTPServer) -> Iterator[HTTPServer]:
-    _shared_server.clear()
-    yield _shared_server
-    _shared_server.clear()
 
 
 class Resolver:
@@ -707,7 +685,8 @@ def _shared_tls_server(tls_files: tuple[Path, Path]) -> Iterator[HTTPServer]:
     cert, key = tls_files
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    yield from _running(HTTPServer(host="127.0.0.1", port=0, ssl_context=context, threaded=True))
+    srv = HTTPServer(host="127.0.0.1", port=0, ssl_context=context, threaded=True)
+    yield from serving_http(srv)
 
 
 @pytest.fixture

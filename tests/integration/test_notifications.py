@@ -56,28 +56,6 @@ NO_SMTP = SmtpSettings(host=None)
 # --- receivers -------------------------------------------------------------------------------
 
 
-def _running(srv: HTTPServer) -> Iterator[HTTPServer]:
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.clear()
-        if srv.is_running():
-            srv.stop()
-
-
-@pytest.fixture(scope="module")
-def _shared_server() -> Iterator[HTTPServer]:
-    yield from _running(HTTPServer(host="127.0.0.1", port=0, threaded=True))
-
-
-@pytest.fixture
-def server(_shared_server: HTTPServer) -> Iterator[HTTPServer]:
-    _shared_server.clear()
-    yield _shared_server
-    _shared_server.clear()
-
-
 def http_client(networks: Sequence[str] = ("127.0.0.1/32",)) -> GuardedHttpClient:
     sleeps: list[float] = []
     return GuardedHttpClient(HttpPolicy.allowing(networks), sleep=sleeps.append)

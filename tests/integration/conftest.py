@@ -1,0 +1,24 @@
+"""Fixtures for integration tests: a local HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from pytest_httpserver import HTTPServer
+
+from tests.servers import serving_http
+
+
+@pytest.fixture(scope="module")
+def _shared_server() -> Iterator[HTTPServer]:
+    # One server per module: stopping one takes half a second (werkzeug's poll interval).
+    yield from serving_http(HTTPServer(host="127.0.0.1", port=0, threaded=True))
+
+
+@pytest.fixture
+def server(_shared_server: HTTPServer) -> Iterator[HTTPServer]:
+    """The module's HTTP server, with no expectations left from other tests."""
+    _shared_server.clear()
+    yield _shared_server
+    _shared_server.clear()
