@@ -304,14 +304,7 @@ class Repository:
         inserted = self._insert_runs(session, new_runs)
         session.execute(update(ScheduledAction), action_updates)
         return [
-            Claim(
-                run_id=run_id,
-                action_id=action_id,
-                action_type=by_id[action_id].action_type,
-                queue=by_id[action_id].queue,
-                priority=by_id[action_id].priority,
-                timeout_s=by_id[action_id].timeout_s,
-            )
+            _claim(run_id, by_id[action_id])
             for run_id, action_id, status in inserted
             if status == "pending"
         ]
@@ -346,14 +339,7 @@ class Repository:
             run = ScheduledActionRun(**_new_run(action.id, now, trigger, "pending", now))
             session.add(run)
             session.flush()
-            return Claim(
-                run_id=run.id,
-                action_id=action.id,
-                action_type=action.action_type,
-                queue=action.queue,
-                priority=action.priority,
-                timeout_s=action.timeout_s,
-            )
+            return _claim(run.id, action)
 
     # -- worker: the run record side of the guard ---------------------------------------------
 
@@ -484,7 +470,7 @@ class Repository:
         r, a = ScheduledActionRun, ScheduledAction
         cutoff = now - timedelta(seconds=grace_s)
         stmt = (
-            select(r.id, r.action_id, a.action_type, a.queue, a.priority, a.timeout_s)
+            select(*_CLAIM_COLUMNS)
             .join(a, a.id == r.action_id)
             .where(
                 or_(
@@ -500,15 +486,9 @@ class Repository:
         with self._write_tx() as session:
             rows = session.execute(stmt).all()
             if rows:
-                session.execute(
-                    update(r).where(r.id.in_([row.id for row in rows])).values(updated_at=now)
-                )
-            return [
-                Claim(
-                    row.id, row.action_id, row.action_type, row.queue, row.priority, row.timeout_s
-                )
-                for row in rows
-            ]
+                run_ids = [row.run_id for row in rows]
+                session.execute(update(r).where(r.id.in_(run_ids)).values(updated_at=now))
+            return [_claim(row.run_id, row) for row in rows]
 
     def stale_running(
         self, now: datetime, *, heartbeat_timeout_s: float, limit: int
@@ -541,14 +521,10 @@ class Repository:
 
     def claim_for_publish(self, run_id: int) -> Claim | None:
         r, a = ScheduledActionRun, ScheduledAction
-        stmt = (
-            select(r.id, r.action_id, a.action_type, a.queue, a.priority, a.timeout_s)
-            .join(a, a.id == r.action_id)
-            .where(r.id == run_id)
-        )
+        stmt = select(*_CLAIM_COLUMNS).join(a, a.id == r.action_id).where(r.id == run_id)
         with self._factory() as session:
             row = session.execute(stmt).first()
-            return Claim(*row) if row else None
+            return _claim(row.run_id, row) if row else None
 
     # -- reading runs ------------------------------------------------------------------------
 
@@ -578,6 +554,28 @@ class Repository:
             stmt = stmt.where(r.status.in_(list(statuses)))
         with self._factory() as session:
             return {status: count for status, count in session.execute(stmt).all()}
+
+
+_CLAIM_COLUMNS = (
+    ScheduledActionRun.id.label("run_id"),
+    ScheduledAction.id,
+    ScheduledAction.action_type,
+    ScheduledAction.queue,
+    ScheduledAction.priority,
+    ScheduledAction.timeout_s,
+)
+
+
+def _claim(run_id: int, action: Any) -> Claim:
+    """A claim for ``run_id`` from anything with the action's routing columns."""
+    return Claim(
+        run_id=run_id,
+        action_id=action.id,
+        action_type=action.action_type,
+        queue=action.queue,
+        priority=action.priority,
+        timeout_s=action.timeout_s,
+    )
 
 
 def _due_action(row: Row[Any]) -> DueAction:
