@@ -1,0 +1,121 @@
+"""The recovery sweeper and the beat leader lease, against real Redis and both databases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+from celery import Celery
+
+from gathering_tasks import keys
+from gathering_tasks.api import ActionService
+from gathering_tasks.app import celery_config
+from gathering_tasks.beat import BeatEngine, SlotPlanner
+from gathering_tasks.db.repo import Repository
+from gathering_tasks.locks import Lease
+from gathering_tasks.settings import Settings
+from tests.servers import wait_for
+
+
+@pytest.fixture
+def celery_app(settings: Settings) -> Iterator[Celery]:
+    app = Celery("test-sweeper", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    yield app
+    app.close()
+
+
+def engine(settings: Settings, repo: Repository, app: Celery, ttl_s: float = 2.0) -> BeatEngine:
+    lease = Lease(redis.Redis.from_url(settings.redis_url), keys.beat_leader("t"), ttl_s)
+    return BeatEngine(settings, repo, lease, app)
+
+
+def queued(settings: Settings) -> int:
+    return int(redis.Redis.from_url(settings.redis_url).llen(settings.default_queue))
+
+
+def make_run(repo: Repository, settings: Settings, now: datetime, **extra: object) -> int:
+    svc = ActionService(repo, settings, task_allowed=lambda _n: True, clock=lambda: now)
+    svc.create(
+        {
+            "name": "s",
+            "action_type": "run_task",
+            "config": {"task": "demo.add", "args": [1, 2]},
+            "schedule": {"kind": "once", "at": now.isoformat()},
+            **extra,
+        }
+    )
+    (claim,) = repo.claim_due(now, limit=1, plan=SlotPlanner(now))
+    return claim.run_id
+
+
+def test_lost_publish_is_republished_once_per_grace(
+    repo: Repository, settings: Settings, celery_app: Celery
+):
+    # Given a run claimed 10 s ago whose message never reached the broker
+    t0 = datetime.now(UTC) - timedelta(seconds=10)
+    run_id = make_run(repo, settings, t0)
+    beat = engine(settings, repo, celery_app)
+    # When the sweeper runs (twice in a row)
+    now = datetime.now(UTC)
+    assert beat.sweep(now) == 1
+    assert beat.sweep(now) == 0
+    # Then the run was published exactly once and is still pending for the guard
+    assert queued(settings) == 1
+    assert repo.get_run(run_id)["status"] == "pending"
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ({"timeout_s": 3600, "retry_max_attempts": 3}, "pending"),  # requeued for another try
+        ({"timeout_s": 5, "retry_max_attempts": 3}, "timed_out"),  # past its time limit
+        ({"timeout_s": 3600, "retry_max_attempts": 1}, "failed"),  # no attempts left
+    ],
+)
+def test_run_of_a_dead_worker_is_recovered(
+    repo: Repository,
+    settings: Settings,
+    celery_app: Celery,
+    extra: dict[str, object],
+    status: str,
+):
+    # Given a worker that started a run 60 s ago and died (no heartbeat since)
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    run_id = make_run(repo, settings, t0, **extra)
+    assert repo.start_run(run_id, worker="dead", task_id="x", now=t0) is not None
+    # When the sweeper runs
+    published = engine(settings, repo, celery_app).sweep(datetime.now(UTC))
+    # Then the run is recovered as the policy says, and re-published only when requeued
+    record = repo.get_run(run_id)
+    assert record["status"] == status
+    assert record["attempts"] == [
+        {
+            "attempt": 1,
+            "status": status,
+            "worker": "dead",
+            "started_at": t0.isoformat(),
+            "ended_at": record["attempts"][0]["ended_at"],
+            "error": record["error"],
+        }
+    ]
+    assert published == queued(settings) == (1 if status == "pending" else 0)
+
+
+def test_only_one_beat_leads_and_a_standby_takes_over(
+    repo: Repository, settings: Settings, celery_app: Celery
+):
+    leader = engine(settings, repo, celery_app, ttl_s=1.0)
+    standby = engine(settings, repo, celery_app, ttl_s=1.0)
+    assert leader.lead() is True
+    assert standby.lead() is False
+    assert leader.lead() is True  # extended
+    # When the leader stops without releasing (a crash), its lease expires
+    client = redis.Redis.from_url(settings.redis_url)
+    client.pexpire(keys.beat_leader("t"), 1)
+    wait_for(standby.lead, 5, "the standby to take the lease")
+    # Then the old leader notices at its next tick and stops dispatching
+    assert leader.lead() is False
+    assert leader.is_leader is False and standby.is_leader is True
