@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gathering_tasks import keys, runtime
 from gathering_tasks.db.repo import Claim, DueAction, Repository, SlotPlan
+from gathering_tasks.errors import InvalidInput
 from gathering_tasks.locks import Lease
 from gathering_tasks.publish import publish_claims
 from gathering_tasks.runs import lost_run_decision
@@ -61,6 +62,19 @@ class SlotPlanner:
         return parsed
 
     def __call__(self, action: DueAction) -> SlotPlan:
+        try:
+            return self._plan(action)
+        except InvalidInput as exc:
+            # One unreadable schedule (say, a time zone the tz database dropped) must not
+            # block every other due action: this one is disabled, and the reason logged.
+            log.error(
+                "action disabled: its schedule no longer parses: %s",
+                exc,
+                extra={"action_id": action.id},
+            )
+            return SlotPlan(run_slots=(), next_run_at=None, status="disabled")
+
+    def _plan(self, action: DueAction) -> SlotPlan:
         plan = plan_due(
             self.schedule(action),
             next_run_at=action.next_run_at,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from gathering_tasks.api import ActionService
 from gathering_tasks.beat import SlotPlanner
-from gathering_tasks.db.models import ScheduledActionRun
+from gathering_tasks.db.models import ScheduledAction, ScheduledActionRun
 from gathering_tasks.db.repo import Repository
 from gathering_tasks.settings import Settings
 
@@ -135,3 +135,22 @@ def test_due_query_uses_index_and_batches(repo: Repository, settings: Settings):
     with repo._factory() as session:
         count = session.execute(select(func.count()).select_from(ScheduledActionRun)).scalar()
     assert count == 10
+
+
+def test_an_unparseable_schedule_disables_only_its_action(repo: Repository, settings: Settings):
+    # Given two due actions, one of whose stored schedule no longer parses
+    svc = service(repo, settings)
+    svc.create(every_second("good", overlap_policy="allow"))
+    svc.create(every_second("broken"))
+    with repo._factory() as session, session.begin():
+        session.execute(
+            update(ScheduledAction)
+            .where(ScheduledAction.name == "broken")
+            .values(schedule={"kind": "cron", "expr": "0 3 * * *", "timezone": "Gone/Away"})
+        )
+    # When beat claims
+    claims = repo.claim_due(T0, limit=10, plan=SlotPlanner(T0))
+    # Then the good action still runs and the broken one is disabled, not lost
+    assert len(claims) == 1
+    assert svc.get("good")["status"] == "active"
+    assert svc.get("broken")["status"] == "disabled"
