@@ -9,15 +9,29 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from gathering_tasks import runtime
 from gathering_tasks.actions import ActionSpec, validate_action
+from gathering_tasks.app import app as celery_app
 from gathering_tasks.db.repo import Claim, Repository
 from gathering_tasks.errors import InvalidInput
+from gathering_tasks.publish import publish_claims
 from gathering_tasks.schedules import Schedule, first_slot, schedule_to_spec
 from gathering_tasks.settings import Settings
+from gathering_tasks.tasks.actions import task_allowed
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def action_service() -> ActionService:
+    """The service wired to the configured database and broker: ``action_service().pause(n)``."""
+    settings = runtime.settings()
+
+    def publish(claim: Claim) -> None:
+        publish_claims(celery_app, [claim], default_queue=settings.default_queue)
+
+    return ActionService(runtime.repository(), settings, task_allowed=task_allowed, publish=publish)
 
 
 def initial_slot(spec: ActionSpec, schedule: Schedule, now: datetime) -> datetime | None:

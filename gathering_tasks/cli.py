@@ -14,14 +14,10 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from gathering_tasks import runtime
-from gathering_tasks.api import ActionService
-from gathering_tasks.app import app as celery_app
+from gathering_tasks.api import ActionService, action_service
 from gathering_tasks.db.migrate import upgrade
-from gathering_tasks.db.repo import Claim
 from gathering_tasks.demo import DEMO_ACTIONS
 from gathering_tasks.errors import GatheringError, InvalidInput, NotFound
-from gathering_tasks.publish import publish_claims
-from gathering_tasks.tasks.actions import task_allowed
 
 app = typer.Typer(help="gathering-tasks: scheduled actions on Celery.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -55,14 +51,8 @@ def _errors() -> Iterator[None]:
         _fail(str(exc), 1)
 
 
-def _publish(claim: Claim) -> None:
-    publish_claims(celery_app, [claim], default_queue=runtime.settings().default_queue)
-
-
 def _service() -> ActionService:
-    return ActionService(
-        runtime.repository(), runtime.settings(), task_allowed=task_allowed, publish=_publish
-    )
+    return action_service()
 
 
 def _print(value: Any) -> None:
