@@ -168,11 +168,14 @@ class BeatEngine:
             return tick_s
         now = utcnow()
         try:
-            self.dispatch_due(now)
+            # One index lookup decides whether the (locking, transactional) claim is needed.
+            upcoming = self.repo.next_due_at()
+            if upcoming is not None and upcoming <= now:
+                self.dispatch_due(now)
+                upcoming = self.repo.next_due_at()
             if time.monotonic() >= self._next_sweep:
                 self._next_sweep = time.monotonic() + self.settings.sweep_interval_s
                 self.sweep(now)
-            upcoming = self.repo.next_due_at()
         except TRANSIENT as exc:
             log.error("beat tick failed, will retry: %s", exc)
             return tick_s

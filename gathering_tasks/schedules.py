@@ -77,6 +77,8 @@ each side of the runs. When that count stops early ``skipped_slots`` is a lower 
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -176,6 +178,7 @@ def _check_cron_shape(expr: str) -> None:
         )
 
 
+@functools.lru_cache(maxsize=1024)
 def _check_cron_expr(expr: str) -> None:
     _check_cron_shape(expr)
     try:
@@ -440,12 +443,25 @@ def _fold_tail(instant: datetime, zone: ZoneInfo) -> timedelta:
     return first_offset - second_offset
 
 
+@functools.lru_cache(maxsize=1024)
+def _cron_template(expr: str) -> croniter:
+    """A parsed expression: croniter's parse (_expand) costs ~100 us, far more than a step."""
+    return croniter(expr, _CRON_PROBE_START)
+
+
+def _walls(expr: str, start: datetime) -> croniter:
+    """A croniter over ``expr`` positioned at ``start``, without re-parsing the expression."""
+    walls = copy.copy(_cron_template(expr))
+    walls.set_current(start, force=True)
+    return walls
+
+
 def _cron_ascending(schedule: CronSchedule, after: datetime) -> Iterator[datetime]:
     """Yield the slots strictly after ``after``, ascending, each once."""
     zone = ZoneInfo(schedule.timezone)
     # Every wall time that maps after `after` is later than after's own wall time, so
     # starting there misses nothing; the few fold walls that map earlier are filtered out.
-    walls = croniter(schedule.expr, _local_wall(after, zone))
+    walls = _walls(schedule.expr, _local_wall(after, zone))
     last = after
     while True:
         try:
@@ -463,7 +479,7 @@ def _cron_descending(schedule: CronSchedule, at_or_before: datetime) -> Iterator
     zone = ZoneInfo(schedule.timezone)
     top = _local_wall(at_or_before, zone) + _fold_tail(at_or_before, zone)
     # get_prev is strictly before its start; one tick later makes `top` itself eligible.
-    walls = croniter(schedule.expr, top + _TICK)
+    walls = _walls(schedule.expr, top + _TICK)
     last = at_or_before + _TICK
     while True:
         try:

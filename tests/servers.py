@@ -202,11 +202,12 @@ class PostgresServer:
 @contextlib.contextmanager
 def running_redis() -> Iterator[RedisServer]:
     server = RedisServer(free_port())
-    server.start()
     try:
+        server.start()
         yield server
     finally:
         server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gathering_tasks.db.models import ScheduledAction, ScheduledActionRun
+from gathering_tasks.db.models import Base, ScheduledAction, ScheduledActionRun
 from gathering_tasks.errors import InvalidInput, NotFound
 
 UNFINISHED = ("pending", "running", "retrying")
@@ -314,15 +314,17 @@ class Repository:
     ) -> list[tuple[int, int, str]]:
         if not new_runs:
             return []
-        r = ScheduledActionRun
         dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        table = Base.metadata.tables[ScheduledActionRun.__tablename__]
         stmt = (
-            dialect_insert(r)
-            .values(new_runs)
-            .on_conflict_do_nothing(index_elements=[r.action_id, r.scheduled_for])
-            .returning(r.id, r.action_id, r.status)
+            dialect_insert(table)
+            .on_conflict_do_nothing(index_elements=[table.c.action_id, table.c.scheduled_for])
+            .returning(table.c.id, table.c.action_id, table.c.status)
         )
-        return [(row[0], row[1], row[2]) for row in session.execute(stmt)]
+        # executemany: one cached statement, sent as batched multi-row INSERTs
+        # ("insertmanyvalues"), instead of compiling a new 8-params-per-row statement.
+        result = session.connection().execute(stmt, new_runs)
+        return [(row[0], row[1], row[2]) for row in result]
 
     def next_due_at(self) -> datetime | None:
         """The earliest ``next_run_at`` of an active action (an index lookup)."""
@@ -469,15 +471,19 @@ class Repository:
         """
         r, a = ScheduledActionRun, ScheduledAction
         cutoff = now - timedelta(seconds=grace_s)
+        stale = or_(
+            and_(r.status == "pending", r.updated_at < cutoff),
+            and_(r.status == "retrying", r.retry_at < cutoff),
+        )
+        # The common case is "nothing stale": answer it with a plain read, and take the
+        # write lock (BEGIN IMMEDIATE on SQLite) only when there is work.
+        with self._factory() as session:
+            if session.execute(select(r.id).where(stale).limit(1)).first() is None:
+                return []
         stmt = (
             select(*_CLAIM_COLUMNS)
             .join(a, a.id == r.action_id)
-            .where(
-                or_(
-                    and_(r.status == "pending", r.updated_at < cutoff),
-                    and_(r.status == "retrying", r.retry_at < cutoff),
-                )
-            )
+            .where(stale)
             .order_by(r.id)
             .limit(limit)
         )
