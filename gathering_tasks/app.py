@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import celeryd_init, worker_process_init
+from kombu.transport import redis as kombu_redis
 
 from gathering_tasks import runtime
 from gathering_tasks.settings import Settings, get_settings
@@ -56,9 +58,44 @@ app = Celery("gathering_tasks")
 app.conf.update(celery_config(get_settings()))
 
 
+class _RedisChannel(kombu_redis.Channel):
+    """kombu's Redis channel, with a ``close()`` that survives the broker vanishing.
+
+    ``close()`` first reads the reply of the outstanding BRPOP; with the broker gone that read
+    raises before the channel is marked closed. The worker swallows the error, detaches the
+    transport, and closes the channel a second time, which tries to requeue the unacknowledged
+    messages through the detached transport, raises ``AttributeError`` and stops the worker
+    ("Unrecoverable error") instead of reconnecting (kombu 5.7, Celery 5.7; any worker that
+    has a task running and a free slot when Redis restarts). Finishing the close at once, while
+    the transport is still attached, leaves nothing for the second close to do.
+    """
+
+    def close(self) -> None:
+        try:
+            super().close()  # type: ignore[no-untyped-call]
+        except self.connection_errors:
+            if self.closed:
+                raise
+            super().close()  # type: ignore[no-untyped-call]
+
+
+class RedisTransport(kombu_redis.Transport):
+    """The Redis transport of the worker's broker connections (see :class:`_RedisChannel`)."""
+
+    Channel = _RedisChannel
+
+
+def _worker_transport(conf: Any, **_kwargs: Any) -> None:
+    # Only a worker consumes (BRPOP, unacknowledged messages), so only it needs the fix; beat
+    # and Flower keep the stock transport, whose redis:// URL Flower's broker page relies on.
+    if urlsplit(conf.broker_url).scheme == "redis":
+        conf.broker_transport = f"{__name__}:RedisTransport"
+
+
 def _after_fork(**_kwargs: Any) -> None:
     # Pooled DB and Redis connections must not be shared across a fork.
     runtime.reset(after_fork=True)
 
 
+celeryd_init.connect(_worker_transport, weak=False)
 worker_process_init.connect(_after_fork, weak=False)

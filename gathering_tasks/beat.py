@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery.beat import Scheduler
+from kombu.exceptions import BatchPublishError
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
@@ -37,7 +38,9 @@ log = logging.getLogger(__name__)
 ON_TIME_S = 5.0
 MIN_SLEEP_S = 0.005
 SWEEP_LIMIT = 500
-TRANSIENT = (SQLAlchemyError, RedisError, BrokerError, OSError)
+# A batched publish that fails (the broker went away mid-flush) leaves delivery uncertain: the
+# runs stay pending and the sweeper re-publishes them, as after any broker outage.
+TRANSIENT = (SQLAlchemyError, RedisError, BrokerError, BatchPublishError, OSError)
 
 
 def utcnow() -> datetime:

@@ -1,0 +1,66 @@
+"""Beat survives a publish that fails mid-batch; the sweeper delivers the runs later."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+from celery import Celery
+from kombu.exceptions import BatchPublishError
+
+from gathering_tasks import beat, keys
+from gathering_tasks.api import ActionService
+from gathering_tasks.app import celery_config
+from gathering_tasks.beat import BeatEngine
+from gathering_tasks.db.repo import Claim, Repository
+from gathering_tasks.locks import Lease
+from gathering_tasks.settings import Settings
+
+
+@pytest.fixture
+def celery_app(settings: Settings) -> Iterator[Celery]:
+    app = Celery("test-beat-broker-failure", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    yield app
+    app.close()
+
+
+def test_a_batch_publish_that_fails_mid_flush_does_not_stop_beat(
+    repo: Repository, settings: Settings, celery_app: Celery, monkeypatch: pytest.MonkeyPatch
+):
+    # Given a due action, and a broker that drops the connection while a batch is flushed
+    now = datetime.now(UTC)
+    service = ActionService(repo, settings, task_allowed=lambda _n: True, clock=lambda: now)
+    service.create(
+        {
+            "name": "due",
+            "action_type": "run_task",
+            "config": {"task": "demo.add", "args": [1, 2]},
+            "schedule": {"kind": "once", "at": now.isoformat()},
+        }
+    )
+
+    def failing_publish(*_args: object, **_kwargs: object) -> int:
+        raise BatchPublishError("Redis publish batch failed; delivery is uncertain")
+
+    monkeypatch.setattr(beat, "publish_claims", failing_publish)
+    lease = Lease(redis.Redis.from_url(settings.redis_url), keys.beat_leader("t"), 5)
+    engine = BeatEngine(settings, repo, lease, celery_app)
+
+    # When beat ticks
+    sleep_s = engine.tick()
+
+    # Then the tick reports the failure instead of raising (which would end the beat process),
+    # and the claimed run waits, pending, for the sweeper
+    assert sleep_s == settings.beat_tick_s
+    (run,) = repo.list_runs()
+    assert run["status"] == "pending"
+    published: list[Claim] = []
+    monkeypatch.setattr(
+        beat, "publish_claims", lambda _app, claims, **_kw: published.extend(claims)
+    )
+    later = now + timedelta(seconds=settings.pending_grace_s + 1)
+    engine.sweep(later)
+    assert [claim.run_id for claim in published] == [run["id"]]
