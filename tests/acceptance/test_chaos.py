@@ -50,12 +50,14 @@ def chaos_redis() -> Iterator[RedisServer]:
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_chaos_every_slot_succeeds_once_and_repeats_only_after_a_kill(
-    db_url: str, chaos_redis: RedisServer, tmp_path: Path
+    db_url: str, chaos_redis: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     # Given call_api actions every 1-2 s against a local sink, two workers and two beats
     # When a worker is SIGKILLed mid-call, the leader beat is SIGKILLed, Redis is restarted
     # and beat is stopped for several intervals
     report = run_chaos(CI, database_url=db_url, redis_server=chaos_redis, workdir=tmp_path)
+    with capsys.disabled():
+        print(f"\n{report.summary()}\n{report.failover()}")
 
     # Then every slot has exactly one run, which succeeded, and the sink saw every slot's key
     assert report.problems == ()
