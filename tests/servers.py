@@ -229,3 +229,33 @@ def serving_http(srv: HTTPServer) -> Iterator[HTTPServer]:
         srv.clear()
         if srv.is_running():
             srv.stop()
+
+
+def self_signed_cert(directory: Path, name: str, alt_name: str) -> tuple[Path, Path]:
+    """A throwaway certificate and key for ``name`` (``alt_name``: "DNS:x" or "IP:y")."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            f"subjectAltName={alt_name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

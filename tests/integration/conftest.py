@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from celery import Celery
 from pytest_httpserver import HTTPServer
 
+from gathering_tasks.app import celery_config
+from gathering_tasks.settings import Settings
 from tests.servers import serving_http
 
 
@@ -22,3 +25,12 @@ def server(_shared_server: HTTPServer) -> Iterator[HTTPServer]:
     _shared_server.clear()
     yield _shared_server
     _shared_server.clear()
+
+
+@pytest.fixture
+def celery_app(settings: Settings) -> Iterator[Celery]:
+    """A Celery app configured like ours, publishing to the test Redis."""
+    app = Celery("gathering-tests", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    yield app
+    app.close()

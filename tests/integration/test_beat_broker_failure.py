@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,20 +10,11 @@ from celery import Celery
 from kombu.exceptions import BatchPublishError
 
 from gathering_tasks import beat, keys
-from gathering_tasks.api import ActionService
-from gathering_tasks.app import celery_config
 from gathering_tasks.beat import BeatEngine
 from gathering_tasks.db.repo import Claim, Repository
 from gathering_tasks.locks import Lease
 from gathering_tasks.settings import Settings
-
-
-@pytest.fixture
-def celery_app(settings: Settings) -> Iterator[Celery]:
-    app = Celery("test-beat-broker-failure", set_as_current=False)
-    app.conf.update(celery_config(settings))
-    yield app
-    app.close()
+from tests.factories import once_action
 
 
 def test_a_batch_publish_that_fails_mid_flush_does_not_stop_beat(
@@ -32,15 +22,7 @@ def test_a_batch_publish_that_fails_mid_flush_does_not_stop_beat(
 ):
     # Given a due action, and a broker that drops the connection while a batch is flushed
     now = datetime.now(UTC)
-    service = ActionService(repo, settings, task_allowed=lambda _n: True, clock=lambda: now)
-    service.create(
-        {
-            "name": "due",
-            "action_type": "run_task",
-            "config": {"task": "demo.add", "args": [1, 2]},
-            "schedule": {"kind": "once", "at": now.isoformat()},
-        }
-    )
+    once_action(repo, settings, now, name="due")
 
     def failing_publish(*_args: object, **_kwargs: object) -> int:
         raise BatchPublishError("Redis publish batch failed; delivery is uncertain")

@@ -8,12 +8,11 @@ from datetime import UTC, datetime
 
 import redis
 
-from gathering_tasks.api import ActionService
-from gathering_tasks.beat import SlotPlanner
 from gathering_tasks.db.repo import Claim, Repository, RunContext
 from gathering_tasks.errors import PermanentFailure
 from gathering_tasks.runs import ExecutionGuard, GuardConfig
 from gathering_tasks.settings import Settings
+from tests.factories import claimed_run
 
 
 def make_guard(repo: Repository, settings: Settings, published: list[Claim]) -> ExecutionGuard:
@@ -31,25 +30,9 @@ def make_guard(repo: Repository, settings: Settings, published: list[Claim]) -> 
     )
 
 
-def one_run(repo: Repository, settings: Settings, **extra: object) -> int:
-    now = datetime.now(UTC)
-    svc = ActionService(repo, settings, task_allowed=lambda _n: True, clock=lambda: now)
-    svc.create(
-        {
-            "name": "g",
-            "action_type": "run_task",
-            "config": {"task": "demo.add", "args": [1, 2]},
-            "schedule": {"kind": "once", "at": now.isoformat()},
-            **extra,
-        }
-    )
-    (claim,) = repo.claim_due(now, limit=1, plan=SlotPlanner(now))
-    return claim.run_id
-
-
 def test_twenty_concurrent_deliveries_execute_once(repo: Repository, settings: Settings):
     # Given one pending run
-    run_id = one_run(repo, settings)
+    run_id = claimed_run(repo, settings, datetime.now(UTC))
     guard = make_guard(repo, settings, [])
     executed: list[int] = []
     barrier = threading.Barrier(20)
@@ -81,7 +64,7 @@ def test_twenty_concurrent_deliveries_execute_once(repo: Repository, settings: S
 
 
 def test_failure_is_retried_then_failed_never_success(repo: Repository, settings: Settings):
-    run_id = one_run(repo, settings, retry_max_attempts=2, retry_backoff_s=0)
+    run_id = claimed_run(repo, settings, datetime.now(UTC), retry_max_attempts=2, retry_backoff_s=0)
     published: list[Claim] = []
     guard = make_guard(repo, settings, published)
 
@@ -101,7 +84,7 @@ def test_failure_is_retried_then_failed_never_success(repo: Repository, settings
 
 
 def test_permanent_failure_is_not_retried(repo: Repository, settings: Settings):
-    run_id = one_run(repo, settings, retry_max_attempts=5)
+    run_id = claimed_run(repo, settings, datetime.now(UTC), retry_max_attempts=5)
     guard = make_guard(repo, settings, [])
 
     def refuse(_run: RunContext) -> None:
@@ -113,7 +96,7 @@ def test_permanent_failure_is_not_retried(repo: Repository, settings: Settings):
 
 def test_zombie_attempt_cannot_overwrite_a_newer_one(repo: Repository, settings: Settings):
     # Given attempt 1 presumed lost and requeued, then attempt 2 running
-    run_id = one_run(repo, settings)
+    run_id = claimed_run(repo, settings, datetime.now(UTC))
     now = datetime.now(UTC)
     first = repo.start_run(run_id, worker="old", task_id="1", now=now)
     assert first is not None

@@ -7,7 +7,6 @@ import json
 import logging
 import socket
 import ssl
-import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from email.utils import formatdate
@@ -40,7 +39,7 @@ from gathering_tasks.skills.http import (
     parse_call_api_config,
     parse_retry_after,
 )
-from tests.servers import serving_http
+from tests.servers import self_signed_cert, serving_http
 
 LOOPBACK = ("127.0.0.1/32",)
 KEY = "run-42:node-a"
@@ -654,30 +653,9 @@ def test_idempotency_key_is_required() -> None:
 # --- TLS: SNI and certificate checked against the name, connection to the vetted address --
 
 
-def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    base = "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2"
-    subprocess.run(
-        [
-            *base.split(),
-            "-subj",
-            f"/CN={name}",
-            "-addext",
-            f"subjectAltName=DNS:{name}",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _self_signed(tmp_path_factory.mktemp("tls"), "sink.test")
+    return self_signed_cert(tmp_path_factory.mktemp("tls"), "sink.test", "DNS:sink.test")
 
 
 @pytest.fixture(scope="module")

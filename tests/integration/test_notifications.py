@@ -9,9 +9,7 @@ import hashlib
 import hmac
 import json
 import logging
-import socket
 import ssl
-import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -44,6 +42,7 @@ from gathering_tasks.skills.notifications import (
     parse_notification_config,
     send_notification,
 )
+from tests.servers import free_port, self_signed_cert
 
 KEY = "run-7"
 NOW_S = 1_800_000_000
@@ -276,12 +275,6 @@ class Inbox:
         return "250 OK"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _authenticator(
     _server: Any, _session: Any, _envelope: Any, _mechanism: str, auth_data: Any
 ) -> AuthResult:
@@ -295,7 +288,7 @@ def _authenticator(
 @pytest.fixture
 def smtp_server() -> Iterator[tuple[Controller, Inbox]]:
     inbox = Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=_free_port())
+    controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
     controller.start()
     try:
         yield controller, inbox
@@ -306,24 +299,7 @@ def smtp_server() -> Iterator[tuple[Controller, Inbox]]:
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     directory = tmp_path_factory.mktemp("smtp-tls")
-    cert, key = directory / "smtp.crt", directory / "smtp.key"
-    base = "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2"
-    subprocess.run(
-        [
-            *base.split(),
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed_cert(directory, "127.0.0.1", "IP:127.0.0.1")
 
 
 @pytest.fixture
@@ -335,7 +311,7 @@ def starttls_server(tls_files: tuple[Path, Path]) -> Iterator[tuple[Controller, 
     controller = Controller(
         inbox,
         hostname="127.0.0.1",
-        port=_free_port(),
+        port=free_port(),
         tls_context=context,
         require_starttls=True,
         auth_required=True,

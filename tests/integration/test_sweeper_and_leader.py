@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -10,21 +9,12 @@ import redis
 from celery import Celery
 
 from gathering_tasks import keys
-from gathering_tasks.api import ActionService
-from gathering_tasks.app import celery_config
-from gathering_tasks.beat import BeatEngine, SlotPlanner
+from gathering_tasks.beat import BeatEngine
 from gathering_tasks.db.repo import Repository
 from gathering_tasks.locks import Lease
 from gathering_tasks.settings import Settings
+from tests.factories import claimed_run
 from tests.servers import wait_for
-
-
-@pytest.fixture
-def celery_app(settings: Settings) -> Iterator[Celery]:
-    app = Celery("test-sweeper", set_as_current=False)
-    app.conf.update(celery_config(settings))
-    yield app
-    app.close()
 
 
 def engine(settings: Settings, repo: Repository, app: Celery, ttl_s: float = 2.0) -> BeatEngine:
@@ -36,27 +26,12 @@ def queued(settings: Settings) -> int:
     return int(redis.Redis.from_url(settings.redis_url).llen(settings.default_queue))
 
 
-def make_run(repo: Repository, settings: Settings, now: datetime, **extra: object) -> int:
-    svc = ActionService(repo, settings, task_allowed=lambda _n: True, clock=lambda: now)
-    svc.create(
-        {
-            "name": "s",
-            "action_type": "run_task",
-            "config": {"task": "demo.add", "args": [1, 2]},
-            "schedule": {"kind": "once", "at": now.isoformat()},
-            **extra,
-        }
-    )
-    (claim,) = repo.claim_due(now, limit=1, plan=SlotPlanner(now))
-    return claim.run_id
-
-
 def test_lost_publish_is_republished_once_per_grace(
     repo: Repository, settings: Settings, celery_app: Celery
 ):
     # Given a run claimed 10 s ago whose message never reached the broker
     t0 = datetime.now(UTC) - timedelta(seconds=10)
-    run_id = make_run(repo, settings, t0)
+    run_id = claimed_run(repo, settings, t0)
     beat = engine(settings, repo, celery_app)
     # When the sweeper runs (twice in a row)
     now = datetime.now(UTC)
@@ -84,7 +59,7 @@ def test_run_of_a_dead_worker_is_recovered(
 ):
     # Given a worker that started a run 60 s ago and died (no heartbeat since)
     t0 = datetime.now(UTC) - timedelta(seconds=60)
-    run_id = make_run(repo, settings, t0, **extra)
+    run_id = claimed_run(repo, settings, t0, **extra)
     assert repo.start_run(run_id, worker="dead", task_id="x", now=t0) is not None
     # When the sweeper runs
     published = engine(settings, repo, celery_app).sweep(datetime.now(UTC))
