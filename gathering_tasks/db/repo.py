@@ -6,18 +6,20 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Row, and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.selectable import GenerativeSelect
 
 from gathering_tasks.db.models import Base, ScheduledAction, ScheduledActionRun
 from gathering_tasks.errors import InvalidInput, NotFound
 
 UNFINISHED = ("pending", "running", "retrying")
 MAX_ATTEMPT_HISTORY = 50
+_Sel = TypeVar("_Sel", bound=GenerativeSelect)
 FINAL = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
 
 
@@ -241,14 +243,22 @@ class Repository:
             .order_by(a.next_run_at)
             .limit(limit)
         )
-        if self.dialect == "postgresql":
-            stmt = stmt.with_for_update(skip_locked=True, of=a)
         with self._write_tx() as session:
-            rows = session.execute(stmt).all()
+            rows = session.execute(self._skip_locked(stmt, a)).all()
             if not rows:
                 return []
             busy = self._busy_actions(session, [r.id for r in rows if r.overlap_policy == "skip"])
             return self._claim_rows(session, rows, busy, now, plan)
+
+    def _skip_locked(self, stmt: _Sel, of: type[Base]) -> _Sel:
+        """Lock the selected rows, passing over rows another transaction holds (PostgreSQL).
+
+        SQLite has no row locks: there the write transaction itself (BEGIN IMMEDIATE) is
+        the lock, and a second claimer waits for it instead of skipping.
+        """
+        if self.dialect != "postgresql":
+            return stmt
+        return stmt.with_for_update(skip_locked=True, of=of)
 
     @contextmanager
     def _write_tx(self) -> Iterator[Session]:
@@ -487,10 +497,8 @@ class Repository:
             .order_by(r.id)
             .limit(limit)
         )
-        if self.dialect == "postgresql":
-            stmt = stmt.with_for_update(skip_locked=True, of=r)
         with self._write_tx() as session:
-            rows = session.execute(stmt).all()
+            rows = session.execute(self._skip_locked(stmt, r)).all()
             if rows:
                 run_ids = [row.run_id for row in rows]
                 session.execute(update(r).where(r.id.in_(run_ids)).values(updated_at=now))
