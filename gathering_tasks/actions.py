@@ -65,7 +65,7 @@ class ActionSpec(_Strict):
     overlap_policy: Literal["skip", "allow"] = "skip"
     retry_max_attempts: int = Field(default=3, ge=1, le=20)
     retry_backoff_s: float = Field(default=5.0, ge=0)
-    retry_backoff_max_s: float = Field(default=300.0, ge=0)
+    retry_backoff_max_s: float = Field(default=300.0, ge=0, le=3600)
     timeout_s: int | None = Field(default=None, ge=1)
     queue: str | None = Field(default=None, min_length=1, max_length=100)
     priority: int | None = Field(default=None, ge=0, le=9)
@@ -127,6 +127,7 @@ def validate_action(
     now: datetime,
     max_config_bytes: int,
     task_allowed: Callable[[str], bool],
+    max_timeout_s: int | None = None,
 ) -> tuple[ActionSpec, Schedule]:
     """Check a whole action definition. Returns the spec and its parsed schedule."""
     if "action_type" in data and data["action_type"] not in ACTION_TYPES:
@@ -143,6 +144,13 @@ def validate_action(
         raise InvalidInput(f"is {size} bytes; the limit is {max_config_bytes}", field="config")
     if spec.end_at and spec.start_at and spec.end_at <= spec.start_at:
         raise InvalidInput("must be after start_at", field="end_at")
+    if max_timeout_s and spec.timeout_s and spec.timeout_s > max_timeout_s:
+        # The broker's visibility timeout is derived from the global limit: a longer task
+        # would be redelivered while still running.
+        raise InvalidInput(
+            f"is above GATHERING_TASK_TIME_LIMIT_S ({max_timeout_s}s); raise that instead",
+            field="timeout_s",
+        )
     try:
         CONFIG_CHECKS[spec.action_type](spec.config, task_allowed)
     except ValidationError as exc:

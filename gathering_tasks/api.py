@@ -5,9 +5,13 @@ Every change lands in the database and takes effect at beat's next tick; no rest
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
+
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
 
 from gathering_tasks import runtime
 from gathering_tasks.actions import ActionSpec, validate_action
@@ -15,9 +19,11 @@ from gathering_tasks.app import app as celery_app
 from gathering_tasks.db.repo import Claim, Repository
 from gathering_tasks.errors import InvalidInput
 from gathering_tasks.publish import publish_claims
-from gathering_tasks.schedules import Schedule, first_slot, schedule_to_spec
+from gathering_tasks.schedules import OnceSchedule, Schedule, first_slot, schedule_to_spec
 from gathering_tasks.settings import Settings
 from gathering_tasks.tasks.actions import task_allowed
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -75,6 +81,7 @@ class ActionService:
             data,
             now=now,
             max_config_bytes=self.settings.max_config_bytes,
+            max_timeout_s=self.settings.task_time_limit_s,
             task_allowed=self._task_allowed,
         )
 
@@ -82,9 +89,14 @@ class ActionService:
         """Validate and store a new action. Nothing is written if anything is invalid."""
         now = self._clock()
         spec, schedule = self._validate(data, now)
-        return self.repo.create_action(
-            _columns(spec, schedule), next_run_at=initial_slot(spec, schedule, now), now=now
-        )
+        first = initial_slot(spec, schedule, now)
+        if first is None:
+            # An action that could never run is a mistake worth saying, not a silent no-op.
+            field = "schedule.at" if isinstance(schedule, OnceSchedule) else "end_at"
+            raise InvalidInput(
+                "leaves no slot at or after now: the action would never run", field=field
+            )
+        return self.repo.create_action(_columns(spec, schedule), next_run_at=first, now=now)
 
     def update(self, name: str, changes: Mapping[str, Any]) -> dict[str, Any]:
         """Change an action's definition; its next slot is recomputed from now."""
@@ -100,8 +112,14 @@ class ActionService:
         if merged.get("name") != name:
             raise InvalidInput("cannot be changed; create a new action instead", field="name")
         spec, schedule = self._validate(merged, now)
+        slot = initial_slot(spec, schedule, now)
+        status = current["status"] if current["status"] in ("paused", "disabled") else None
         return self.repo.update_action(
-            name, _columns(spec, schedule), next_run_at=initial_slot(spec, schedule, now), now=now
+            name,
+            _columns(spec, schedule),
+            next_run_at=slot,
+            status=status or ("active" if slot else "completed"),
+            now=now,
         )
 
     def get(self, name: str) -> dict[str, Any]:
@@ -132,5 +150,14 @@ class ActionService:
         """Run an action now, outside its schedule. Returns the run id."""
         claim = self.repo.trigger_now(name, now=self._clock(), trigger=trigger)
         if self._publish is not None:
-            self._publish(claim)
+            try:
+                self._publish(claim)
+            except (BrokerError, RedisError, OSError) as exc:
+                # The run is recorded; the beat leader's sweeper publishes it later.
+                log.warning(
+                    "run %d recorded; publishing failed (%s), the sweeper will retry",
+                    claim.run_id,
+                    exc,
+                    extra={"run_id": claim.run_id},
+                )
         return claim.run_id

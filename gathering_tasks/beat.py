@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery.beat import Scheduler
@@ -23,7 +24,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from gathering_tasks import keys, runtime
-from gathering_tasks.db.repo import Claim, DueAction, Repository, SlotPlan
+from gathering_tasks.db.repo import Claim, DueAction, Repository, SlotPlan, StaleRun
 from gathering_tasks.errors import InvalidInput
 from gathering_tasks.locks import Lease
 from gathering_tasks.publish import publish_claims
@@ -102,11 +103,20 @@ class SlotPlanner:
 class BeatEngine:
     """One beat replica's work, without Celery: lead, claim, publish, sweep."""
 
-    def __init__(self, settings: Settings, repo: Repository, lease: Lease, app: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        repo: Repository,
+        lease: Lease,
+        app: Any,
+        *,
+        run_lease_alive: Callable[[int], bool] = lambda _run_id: False,
+    ) -> None:
         self.settings = settings
         self.repo = repo
         self.lease = lease
         self.app = app
+        self.run_lease_alive = run_lease_alive
         self.is_leader = False
         self.planner = SlotPlanner(utcnow())
         self._next_sweep = 0.0
@@ -141,28 +151,45 @@ class BeatEngine:
         """Re-publish lost messages and recover runs whose worker died."""
         settings = self.settings
         claims = self.repo.stale_queued(now, grace_s=settings.pending_grace_s, limit=SWEEP_LIMIT)
+        stale_before = now - timedelta(seconds=settings.run_lease_ttl_s)
         for stale in self.repo.stale_running(
             now, heartbeat_timeout_s=settings.run_lease_ttl_s, limit=SWEEP_LIMIT
         ):
-            decision = lost_run_decision(
-                stale, now, default_time_limit_s=settings.task_time_limit_s
-            )
-            extra = {"run_id": stale.run_id, "attempt": stale.attempt, "decision": decision}
-            if decision == "requeue":
-                if self.repo.requeue_lost(
-                    stale.run_id, stale.attempt, now=now, error="worker lost during the run"
-                ):
-                    claim = self.repo.claim_for_publish(stale.run_id)
-                    claims += [claim] if claim else []
-            else:
-                error = "run exceeded its time limit" if decision == "timed_out" else "worker lost"
-                self.repo.finish_run(
-                    stale.run_id, stale.attempt, status=decision, now=now, error=error
-                )
-            log.warning("recovered a run whose worker is gone", extra=extra)
+            if self.run_lease_alive(stale.run_id):
+                continue  # its worker still renews the lease: slow database writes, not death
+            claim = self._recover(stale, now, stale_before)
+            claims += [claim] if claim else []
         if claims:
             log.warning("sweeper re-publishing %d run(s)", len(claims))
         return self._publish(claims)
+
+    def _recover(self, stale: StaleRun, now: datetime, stale_before: datetime) -> Claim | None:
+        decision = lost_run_decision(
+            stale, now, default_time_limit_s=self.settings.task_time_limit_s
+        )
+        extra = {"run_id": stale.run_id, "attempt": stale.attempt, "decision": decision}
+        if decision == "requeue":
+            requeued = self.repo.requeue_lost(
+                stale.run_id,
+                stale.attempt,
+                now=now,
+                error="worker lost during the run",
+                stale_before=stale_before,
+            )
+            recovered = self.repo.claim_for_publish(stale.run_id) if requeued else None
+        else:
+            error = "run exceeded its time limit" if decision == "timed_out" else "worker lost"
+            self.repo.finish_run(
+                stale.run_id,
+                stale.attempt,
+                status=decision,
+                now=now,
+                error=error,
+                stale_before=stale_before,
+            )
+            recovered = None
+        log.warning("recovered a run whose worker is gone", extra=extra)
+        return recovered
 
     def tick(self) -> float:
         """One beat cycle. Returns seconds to sleep."""
@@ -212,7 +239,17 @@ class DatabaseScheduler(Scheduler):  # type: ignore[misc]
             keys.beat_leader(settings.key_prefix),
             settings.leader_lease_ttl_s,
         )
-        self.engine = BeatEngine(settings, runtime.repository(), lease, self.app)
+        client = runtime.redis_client()
+
+        def run_lease_alive(run_id: int) -> bool:
+            try:
+                return bool(client.exists(keys.run_lock(settings.key_prefix, run_id)))
+            except RedisError:
+                return False  # no Redis, no lease to trust: the database heartbeat decides
+
+        self.engine = BeatEngine(
+            settings, runtime.repository(), lease, self.app, run_lease_alive=run_lease_alive
+        )
         self.max_interval = settings.beat_tick_s
         log.info("database scheduler ready (tick %.2fs)", settings.beat_tick_s)
 

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 from gathering_tasks import runtime
 from gathering_tasks.api import ActionService, action_service
@@ -49,6 +52,10 @@ def _errors() -> Iterator[None]:
         _fail(str(exc), EXIT_NOT_FOUND)
     except GatheringError as exc:
         _fail(str(exc), 1)
+    except SQLAlchemyError as exc:
+        _fail(f"database error: {type(exc).__name__}: {str(exc).splitlines()[0]}", 1)
+    except (RedisError, BrokerError) as exc:
+        _fail(f"broker error: {exc}", 1)
 
 
 def _service() -> ActionService:
@@ -68,6 +75,17 @@ def _json_arg(text: str | None, field: str) -> Any:
         raise InvalidInput(f"is not valid JSON ({exc.msg})", field=field) from exc
 
 
+def _read_definition(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InvalidInput(f"cannot be read ({exc.strerror})", field="file") from exc
+    data = _json_arg(text, "file")
+    if not isinstance(data, dict):
+        raise InvalidInput("must hold one JSON object (the action)", field="file")
+    return data
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
     """Apply the migrations (the only way the schema is made)."""
@@ -78,7 +96,8 @@ def db_upgrade(revision: str = "head") -> None:
 def _schedule_from_flags(
     cron: str | None, timezone: str, every: float | None, at: str | None
 ) -> dict[str, Any]:
-    given = [flag for flag, value in (("--cron", cron), ("--every", every), ("--at", at)) if value]
+    flags = (("--cron", cron), ("--every", every), ("--at", at))
+    given = [flag for flag, value in flags if value is not None]
     if len(given) != 1:
         raise InvalidInput("give exactly one of --cron, --every, --at", field="schedule")
     if cron:
@@ -107,7 +126,7 @@ def actions_add(
     """Create an action (from flags, or from a JSON file with every field)."""
     with _errors():
         if file is not None:
-            data = _json_arg(file.read_text(), "file")
+            data = _read_definition(file)
         else:
             data = {
                 "name": name,

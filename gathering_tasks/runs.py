@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,14 +47,27 @@ def retry_delay_s(attempt: int, backoff_s: float, backoff_max_s: float) -> float
     return float(min(backoff_max_s, backoff_s * (2 ** max(0, attempt - 1))))
 
 
+def storable(value: Any) -> Any:
+    """A JSON value every database accepts: NaN/infinities -> null, NUL characters dropped."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    return value
+
+
 def bounded_result(value: Mapping[str, Any] | None, max_bytes: int) -> dict[str, Any] | None:
-    """Keep a run's result JSON and small: an oversized result is stored as an excerpt."""
+    """Keep a run's result storable and small: an oversized result is stored as an excerpt."""
     if value is None:
         return None
-    text = json.dumps(value, default=str, separators=(",", ":"))
+    clean: dict[str, Any] = storable(json.loads(json.dumps(value, default=str)))
+    text = json.dumps(clean, separators=(",", ":"))
     if len(text) <= max_bytes:
-        parsed: dict[str, Any] = json.loads(text)
-        return parsed
+        return clean
     return {"truncated": True, "size": len(text), "excerpt": text[: max_bytes // 2]}
 
 
@@ -70,7 +84,7 @@ def lost_run_decision(
 
 
 def describe_error(exc: BaseException, limit: int = 2000) -> str:
-    text = f"{type(exc).__name__}: {exc}"
+    text = f"{type(exc).__name__}: {exc}".replace("\x00", "")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

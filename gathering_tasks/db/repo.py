@@ -19,6 +19,7 @@ from gathering_tasks.errors import InvalidInput, NotFound
 
 UNFINISHED = ("pending", "running", "retrying")
 MAX_ATTEMPT_HISTORY = 50
+RETRY_CLOCK_SKEW = timedelta(seconds=1)
 _Sel = TypeVar("_Sel", bound=GenerativeSelect)
 FINAL = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
 
@@ -156,22 +157,29 @@ class Repository:
             updated_at=now,
         )
         try:
-            with self._factory() as session, session.begin():
+            with self._write_tx() as session:
                 session.add(row)
         except IntegrityError as exc:
             raise InvalidInput(f"an action named {values['name']!r} exists", field="name") from exc
         return action_to_dict(row)
 
     def update_action(
-        self, name: str, values: dict[str, Any], *, next_run_at: datetime | None, now: datetime
+        self,
+        name: str,
+        values: dict[str, Any],
+        *,
+        next_run_at: datetime | None,
+        status: str,
+        now: datetime,
     ) -> dict[str, Any]:
-        """Replace an action's definition; its next slot is recomputed by the caller."""
-        with self._factory() as session, session.begin():
+        """Replace an action's definition; its next slot and status are decided by the caller."""
+        with self._write_tx() as session:
             row = self._get(session, name)
             for key in _ACTION_FIELDS:
                 if key in values:
                     setattr(row, key, values[key])
             row.next_run_at = next_run_at
+            row.status = status
             row.updated_at = now
             return action_to_dict(row)
 
@@ -190,7 +198,7 @@ class Repository:
         self, name: str, status: str, *, now: datetime, next_run_at: datetime | None = None
     ) -> dict[str, Any]:
         """Pause, resume (with a fresh ``next_run_at``), disable."""
-        with self._factory() as session, session.begin():
+        with self._write_tx() as session:
             row = self._get(session, name)
             row.status = status
             if next_run_at is not None:
@@ -199,7 +207,7 @@ class Repository:
             return action_to_dict(row)
 
     def delete_action(self, name: str) -> None:
-        with self._factory() as session, session.begin():
+        with self._write_tx() as session:
             result = session.execute(delete(ScheduledAction).where(ScheduledAction.name == name))
             if not result.rowcount:  # type: ignore[attr-defined]
                 raise NotFound(f"no action named {name!r}")
@@ -297,20 +305,15 @@ class Repository:
         action_updates: list[dict[str, Any]] = []
         by_id = {row.id: row for row in rows}
         for row in rows:
-            decided = plan(_due_action(row))
-            status = "skipped" if row.id in busy else "pending"
+            # A busy action's slots are recorded as skipped: they are not runs, so they
+            # neither count towards max_runs nor may complete the action.
+            is_busy = row.id in busy
+            decided = plan(_due_action(row, count_runs=not is_busy))
+            status = "skipped" if is_busy else "pending"
             for slot, trigger in decided.run_slots:
                 new_runs.append(_new_run(row.id, slot, trigger, status, now))
-            update_row: dict[str, Any] = {
-                "id": row.id,
-                "next_run_at": decided.next_run_at,
-                "status": decided.status,
-                "run_count": row.run_count + len(decided.run_slots),
-                "updated_at": now,
-            }
-            if decided.run_slots:
-                update_row["last_run_at"] = decided.run_slots[-1][0]
-            action_updates.append(update_row)
+            ran = 0 if is_busy else len(decided.run_slots)
+            action_updates.append(_action_update(row, decided, ran, now))
         inserted = self._insert_runs(session, new_runs)
         session.execute(update(ScheduledAction), action_updates)
         return [
@@ -346,7 +349,7 @@ class Repository:
 
     def trigger_now(self, name: str, *, now: datetime, trigger: str = "manual") -> Claim:
         """A run outside the schedule (CLI, API). It still goes through the guard."""
-        with self._factory() as session, session.begin():
+        with self._write_tx() as session:
             action = self._get(session, name)
             run = ScheduledActionRun(**_new_run(action.id, now, trigger, "pending", now))
             session.add(run)
@@ -362,7 +365,14 @@ class Repository:
         r = ScheduledActionRun
         stmt = (
             update(r)
-            .where(r.id == run_id, r.status.in_(("pending", "retrying")))
+            .where(
+                r.id == run_id,
+                or_(
+                    r.status == "pending",
+                    # A retry waits out its backoff: an early copy of the message is dropped.
+                    and_(r.status == "retrying", r.retry_at <= now + RETRY_CLOCK_SKEW),
+                ),
+            )
             .values(
                 status="running",
                 attempt=r.attempt + 1,
@@ -375,7 +385,7 @@ class Repository:
             )
             .returning(r.attempt)
         )
-        with self._factory() as session, session.begin():
+        with self._write_tx() as session:
             attempt = session.execute(stmt).scalar_one_or_none()
             if attempt is None:
                 return None
@@ -412,10 +422,21 @@ class Repository:
         now: datetime,
         result: dict[str, Any] | None = None,
         error: str | None = None,
+        stale_before: datetime | None = None,
     ) -> bool:
-        """Close an attempt. Fenced by ``attempt``: a zombie worker cannot overwrite a newer one."""
+        """Close an attempt. Fenced by ``attempt``: a zombie worker cannot overwrite a newer one.
+
+        ``stale_before`` (the sweeper's writes): only if the heartbeat is still older than it.
+        """
         return self._close_attempt(
-            run_id, attempt, status=status, now=now, error=error, result=result, finished_at=now
+            run_id,
+            attempt,
+            status=status,
+            now=now,
+            error=error,
+            result=result,
+            finished_at=now,
+            stale_before=stale_before,
         )
 
     def schedule_retry(
@@ -434,11 +455,15 @@ class Repository:
         status: str,
         now: datetime,
         error: str | None,
+        stale_before: datetime | None = None,
         **values: Any,
     ) -> bool:
         """End attempt ``attempt`` with ``status`` and append it to the run's attempt history."""
         r = ScheduledActionRun
-        fence = (r.id == run_id, r.attempt == attempt, r.status == "running")
+        fence = [r.id == run_id, r.attempt == attempt, r.status == "running"]
+        if stale_before is not None:
+            # A heartbeat that landed since the sweeper looked means the worker is alive.
+            fence.append(r.heartbeat_at < stale_before)
         query = select(r.attempts, r.started_at, r.worker).where(*fence)
         if self.dialect == "postgresql":
             query = query.with_for_update()
@@ -469,7 +494,7 @@ class Repository:
             .where(r.id == run_id, r.attempt == attempt, r.status == "running")
             .values(**values)
         )
-        with self._factory() as session, session.begin():
+        with self._write_tx() as session:
             return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
     # -- sweeper -----------------------------------------------------------------------------
@@ -483,7 +508,7 @@ class Repository:
         cutoff = now - timedelta(seconds=grace_s)
         stale = or_(
             and_(r.status == "pending", r.updated_at < cutoff),
-            and_(r.status == "retrying", r.retry_at < cutoff),
+            and_(r.status == "retrying", r.retry_at < cutoff, r.updated_at < cutoff),
         )
         # The common case is "nothing stale": answer it with a plain read, and take the
         # write lock (BEGIN IMMEDIATE on SQLite) only when there is work.
@@ -529,9 +554,16 @@ class Repository:
                 for row in session.execute(stmt).all()
             ]
 
-    def requeue_lost(self, run_id: int, attempt: int, *, now: datetime, error: str) -> bool:
-        """Put a lost attempt back to ``pending`` (fenced by attempt) for another delivery."""
-        return self._close_attempt(run_id, attempt, status="pending", now=now, error=error)
+    def requeue_lost(
+        self, run_id: int, attempt: int, *, now: datetime, error: str, stale_before: datetime
+    ) -> bool:
+        """Put a lost attempt back to ``pending`` for another delivery.
+
+        Fenced by attempt and by the heartbeat still being older than ``stale_before``.
+        """
+        return self._close_attempt(
+            run_id, attempt, status="pending", now=now, error=error, stale_before=stale_before
+        )
 
     def claim_for_publish(self, run_id: int) -> Claim | None:
         r, a = ScheduledActionRun, ScheduledAction
@@ -592,7 +624,7 @@ def _claim(run_id: int, action: Any) -> Claim:
     )
 
 
-def _due_action(row: Row[Any]) -> DueAction:
+def _due_action(row: Row[Any], *, count_runs: bool) -> DueAction:
     return DueAction(
         id=row.id,
         schedule=row.schedule,
@@ -600,12 +632,25 @@ def _due_action(row: Row[Any]) -> DueAction:
         run_count=row.run_count,
         start_at=row.start_at,
         end_at=row.end_at,
-        max_runs=row.max_runs,
+        max_runs=row.max_runs if count_runs else None,
         catchup_mode=row.catchup_mode,
         catchup_grace_s=row.catchup_grace_s,
         catchup_max=row.catchup_max,
         overlap_policy=row.overlap_policy,
     )
+
+
+def _action_update(row: Row[Any], decided: SlotPlan, ran: int, now: datetime) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "id": row.id,
+        "next_run_at": decided.next_run_at,
+        "status": decided.status,
+        "run_count": row.run_count + ran,
+        "updated_at": now,
+    }
+    if decided.run_slots:
+        values["last_run_at"] = decided.run_slots[-1][0]
+    return values
 
 
 def _new_run(

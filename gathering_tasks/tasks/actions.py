@@ -34,6 +34,17 @@ def idempotency_key(run: RunContext) -> str:
     return f"gathering-run-{run.run_id}"
 
 
+def message_context(run: RunContext) -> dict[str, object]:
+    """What a notification's ``${...}`` placeholders can name."""
+    return {
+        "run_id": run.run_id,
+        "action": run.action_name,
+        "slot": run.scheduled_for.isoformat(),
+        "attempt": run.attempt,
+        "trigger": run.trigger,
+    }
+
+
 def task_allowed(name: str) -> bool:
     """May ``run_task`` call ``name``? Registered handlers, or allowlisted Celery tasks."""
     if get_handler(name) is not None:
@@ -77,7 +88,7 @@ EXECUTORS: dict[str, Executor] = {
     "execute_pipeline": execute_pipeline_run,
     "call_api": lambda run: skill_calls.call_api(run.config, idempotency_key(run)),
     "send_notification": lambda run: skill_calls.send_notification(
-        run.config, idempotency_key(run)
+        run.config, idempotency_key(run), context=message_context(run)
     ),
 }
 

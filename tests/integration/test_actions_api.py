@@ -92,10 +92,29 @@ def test_update_revalidates_and_recomputes(repo: Repository, settings: Settings)
     assert updated["schedule"]["anchor"] == NOW.isoformat()
 
 
-def test_once_in_the_past_is_completed_at_creation(repo: Repository, settings: Settings):
+def test_an_action_that_could_never_run_is_refused(repo: Repository, settings: Settings):
     past = (NOW - timedelta(hours=1)).isoformat()
-    created = svc(repo, settings).create(action(schedule={"kind": "once", "at": past}))
-    assert created["status"] == "completed" and created["next_run_at"] is None
+    with pytest.raises(InvalidInput, match=r"schedule\.at"):
+        svc(repo, settings).create(action(schedule={"kind": "once", "at": past}))
+    with pytest.raises(InvalidInput, match="end_at"):
+        svc(repo, settings).create(action(end_at=(NOW + timedelta(minutes=1)).isoformat()))
+    assert repo.list_actions() == []
+
+
+def test_update_reactivates_a_completed_action(repo: Repository, settings: Settings):
+    # Given an action that completed its max_runs
+    service = svc(repo, settings)
+    service.create(action(max_runs=1))
+    repo.set_status("nightly", "completed", now=NOW)
+    # When its budget is raised, it is active again; a paused one stays paused
+    assert service.update("nightly", {"max_runs": 5})["status"] == "active"
+    service.pause("nightly")
+    assert service.update("nightly", {"max_runs": 6})["status"] == "paused"
+
+
+def test_timeout_above_the_global_limit_is_refused(repo: Repository, settings: Settings):
+    with pytest.raises(InvalidInput, match="timeout_s"):
+        svc(repo, settings).create(action(timeout_s=settings.task_time_limit_s + 1))
 
 
 def test_unknown_action_is_not_found(repo: Repository, settings: Settings):

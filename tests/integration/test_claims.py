@@ -154,3 +154,18 @@ def test_an_unparseable_schedule_disables_only_its_action(repo: Repository, sett
     assert len(claims) == 1
     assert svc.get("good")["status"] == "active"
     assert svc.get("broken")["status"] == "disabled"
+
+
+def test_skipped_slots_do_not_use_up_max_runs(repo: Repository, settings: Settings):
+    # Given max_runs=3 and overlap skip, with the first run still pending
+    svc = service(repo, settings)
+    svc.create(every_second("budget", max_runs=3))
+    repo.claim_due(T0, limit=10, plan=SlotPlanner(T0))
+    for step in (1, 2, 3):
+        now = T0 + timedelta(seconds=step)
+        repo.claim_due(now, limit=10, plan=SlotPlanner(now))
+    # Then the three skipped slots did not complete the action
+    action = svc.get("budget")
+    assert action["run_count"] == 1 and action["status"] == "active"
+    statuses = sorted(status for _, _, status in run_rows(repo))
+    assert statuses == ["pending", "skipped", "skipped", "skipped"]

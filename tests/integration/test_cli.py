@@ -84,3 +84,27 @@ def test_unknown_type_and_bad_json(cli_env: dict[str, str]):
         "--every", "5",
     )  # fmt: skip
     assert result.returncode == 2 and "config" in result.stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_file_errors_are_one_line(cli_env: dict[str, str], tmp_path: Path):
+    missing = cli(cli_env, "actions", "add", "--file", str(tmp_path / "nope.json"))
+    assert missing.returncode == 2 and missing.stderr.startswith("error: file:")
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    as_list = cli(cli_env, "actions", "add", "--file", str(listed))
+    assert as_list.returncode == 2 and "one JSON object" in as_list.stderr
+    assert "Traceback" not in missing.stderr + as_list.stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_trigger_with_the_broker_down_records_the_run(cli_env: dict[str, str]):
+    added = cli(
+        cli_env, "actions", "add", "--name", "t", "--type", "run_task",
+        "--config", '{"task": "demo.hello"}', "--every", "3600",
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    down = {**cli_env, "GATHERING_REDIS_URL": "redis://127.0.0.1:9/0"}
+    result = cli(down, "actions", "trigger", "t")
+    assert result.returncode == 0 and "queued" in result.stdout, result.stderr
+    assert "trigger=manual" in cli(cli_env, "runs", "list", "--action", "t").stdout

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import redis
 
@@ -100,10 +100,41 @@ def test_zombie_attempt_cannot_overwrite_a_newer_one(repo: Repository, settings:
     now = datetime.now(UTC)
     first = repo.start_run(run_id, worker="old", task_id="1", now=now)
     assert first is not None
-    assert repo.requeue_lost(run_id, first.attempt, now=now, error="lost")
+    later = now + timedelta(seconds=10)
+    assert repo.requeue_lost(run_id, first.attempt, now=later, error="lost", stale_before=later)
     second = repo.start_run(run_id, worker="new", task_id="2", now=now)
     assert second is not None and second.attempt == 2
     # When the old worker comes back and reports, it is fenced out
     assert not repo.finish_run(run_id, 1, status="succeeded", now=now)
     assert repo.finish_run(run_id, 2, status="succeeded", now=now)
     assert repo.get_run(run_id)["worker"] == "new"
+
+
+def test_an_early_copy_of_a_retry_waits_out_the_backoff(repo: Repository, settings: Settings):
+    # Given a run parked as retrying for 60 s
+    run_id = claimed_run(repo, settings, datetime.now(UTC), retry_max_attempts=3)
+    now = datetime.now(UTC)
+    first = repo.start_run(run_id, worker="w", task_id="1", now=now)
+    assert first is not None
+    retry_at = now + timedelta(seconds=60)
+    assert repo.schedule_retry(run_id, 1, retry_at=retry_at, error="503", now=now)
+    # When a stale copy of the message arrives now, it does not start the run
+    assert repo.start_run(run_id, worker="w", task_id="2", now=now) is None
+    # And the real retry, at its time, does
+    again = repo.start_run(run_id, worker="w", task_id="3", now=retry_at)
+    assert again is not None and again.attempt == 2
+
+
+def test_results_any_database_refuses_are_made_storable(repo: Repository, settings: Settings):
+    # Given a handler returning NaN, infinity and a NUL character (JSONB refuses all three)
+    run_id = claimed_run(repo, settings, datetime.now(UTC))
+    guard = make_guard(repo, settings, [])
+
+    def odd(_run: RunContext) -> dict[str, object]:
+        return {"ratio": float("nan"), "peak": float("inf"), "body": "bin\x00ary"}
+
+    # When it runs, the run still finishes, with a storable result
+    assert guard.execute(run_id, odd, worker="w", task_id="1") == "succeeded"
+    record = repo.get_run(run_id)
+    assert record["status"] == "succeeded"
+    assert record["result"] == {"ratio": None, "peak": None, "body": "binary"}

@@ -45,9 +45,9 @@ def test_lost_publish_is_republished_once_per_grace(
 @pytest.mark.parametrize(
     ("extra", "status"),
     [
-        ({"timeout_s": 3600, "retry_max_attempts": 3}, "pending"),  # requeued for another try
+        ({"timeout_s": 300, "retry_max_attempts": 3}, "pending"),  # requeued for another try
         ({"timeout_s": 5, "retry_max_attempts": 3}, "timed_out"),  # past its time limit
-        ({"timeout_s": 3600, "retry_max_attempts": 1}, "failed"),  # no attempts left
+        ({"timeout_s": 300, "retry_max_attempts": 1}, "failed"),  # no attempts left
     ],
 )
 def test_run_of_a_dead_worker_is_recovered(
@@ -94,3 +94,43 @@ def test_only_one_beat_leads_and_a_standby_takes_over(
     # Then the old leader notices at its next tick and stops dispatching
     assert leader.lead() is False
     assert leader.is_leader is False and standby.is_leader is True
+
+
+def test_a_run_whose_lease_is_alive_is_left_alone(
+    repo: Repository, settings: Settings, celery_app: Celery
+):
+    # Given a run whose database heartbeat is old but whose worker still renews its lease
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    run_id = claimed_run(repo, settings, t0)
+    assert repo.start_run(run_id, worker="slow-db", task_id="x", now=t0) is not None
+    lease = Lease(redis.Redis.from_url(settings.redis_url), keys.run_lock("t", run_id), 30)
+    assert lease.acquire()
+    beat = BeatEngine(
+        settings,
+        repo,
+        Lease(redis.Redis.from_url(settings.redis_url), keys.beat_leader("t"), 2),
+        celery_app,
+        run_lease_alive=lambda rid: bool(
+            redis.Redis.from_url(settings.redis_url).exists(keys.run_lock("t", rid))
+        ),
+    )
+    # When the sweeper runs, the run is not taken from its worker
+    assert beat.sweep(datetime.now(UTC)) == 0
+    assert repo.get_run(run_id)["status"] == "running"
+    # And once the lease is gone, it is recovered
+    lease.release()
+    assert beat.sweep(datetime.now(UTC)) == 1
+    assert repo.get_run(run_id)["status"] == "pending"
+
+
+def test_a_heartbeat_after_the_sweepers_look_wins(repo: Repository, settings: Settings):
+    # Given a run the sweeper saw as stale
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    run_id = claimed_run(repo, settings, t0)
+    assert repo.start_run(run_id, worker="w", task_id="x", now=t0) is not None
+    cutoff = datetime.now(UTC) - timedelta(seconds=settings.run_lease_ttl_s)
+    # When the worker's heartbeat lands before the sweeper's write
+    assert repo.heartbeat(run_id, 1, datetime.now(UTC))
+    # Then the takeover is refused, and the worker keeps its run
+    assert not repo.requeue_lost(run_id, 1, now=datetime.now(UTC), error="x", stale_before=cutoff)
+    assert repo.get_run(run_id)["status"] == "running"
