@@ -103,7 +103,7 @@ def _timed(executor: Executor) -> Executor:
     return run
 
 
-def _publish_retry(claim: Claim, delay_s: float) -> None:
+def _publish(claim: Claim, delay_s: float) -> None:
     publish_claims(
         app, [claim], default_queue=runtime.settings().default_queue, countdown_s=delay_s
     )
@@ -118,7 +118,7 @@ def guard() -> ExecutionGuard:
         max_result_bytes=settings.max_result_bytes,
     )
     return ExecutionGuard(
-        runtime.repository(), runtime.redis_client(), config, publish_retry=_publish_retry
+        runtime.repository(), runtime.redis_client(), config, publish_retry=_publish
     )
 
 
@@ -156,7 +156,7 @@ def _trigger_action(_self: Task, action_name: str) -> int:
     if not isinstance(action_name, str):
         raise PermanentFailure("payload must be an action name (string)")
     claim = runtime.repository().trigger_now(action_name, now=utcnow(), trigger="api")
-    _publish_retry(claim, 0.0)
+    _publish(claim, 0.0)
     log.info("action triggered by another service", extra={"run_id": claim.run_id})
     return claim.run_id
 
