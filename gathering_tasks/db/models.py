@@ -112,6 +112,9 @@ class ScheduledActionRun(Base):
     celery_task_id: Mapped[str | None] = mapped_column(String(255))
     worker: Mapped[str | None] = mapped_column(String(255))
     retry_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # The sweeper's re-publish bookkeeping (a lost message is replaced; a backlog not flooded).
+    publish_count: Mapped[int] = mapped_column(Integer, default=0)
+    republish_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

@@ -20,6 +20,7 @@ from gathering_tasks.errors import InvalidInput, NotFound
 UNFINISHED = ("pending", "running", "retrying")
 MAX_ATTEMPT_HISTORY = 50
 RETRY_CLOCK_SKEW = timedelta(seconds=1)
+MAX_REPUBLISH_DOUBLINGS = 6  # the sweeper re-publishes one run at most every 64 x grace
 _Sel = TypeVar("_Sel", bound=GenerativeSelect)
 FINAL = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
 
@@ -381,6 +382,9 @@ class Repository:
                 started_at=now,
                 heartbeat_at=now,
                 retry_at=None,
+                # A started run's messages did their job: the next attempt backs off afresh.
+                publish_count=0,
+                republish_at=None,
                 updated_at=now,
             )
             .returning(r.attempt)
@@ -502,13 +506,16 @@ class Repository:
     def stale_queued(self, now: datetime, *, grace_s: float, limit: int) -> list[Claim]:
         """Runs queued but never started past ``grace_s`` (a publish lost after commit).
 
-        Their ``updated_at`` is touched so the next sweep waits another grace period.
+        A run is re-published after ``grace_s``, then after 2, 4, 8 ... times that (capped):
+        a lost message is replaced quickly, while a backlog that workers are merely slow to
+        drain is not flooded with copies every sweep.
         """
-        r, a = ScheduledActionRun, ScheduledAction
+        r = ScheduledActionRun
         cutoff = now - timedelta(seconds=grace_s)
-        stale = or_(
-            and_(r.status == "pending", r.updated_at < cutoff),
-            and_(r.status == "retrying", r.retry_at < cutoff, r.updated_at < cutoff),
+        stale = and_(
+            r.updated_at < cutoff,
+            or_(r.republish_at.is_(None), r.republish_at < now),
+            or_(r.status == "pending", and_(r.status == "retrying", r.retry_at < cutoff)),
         )
         # The common case is "nothing stale": answer it with a plain read, and take the
         # write lock (BEGIN IMMEDIATE on SQLite) only when there is work.
@@ -516,8 +523,8 @@ class Repository:
             if session.execute(select(r.id).where(stale).limit(1)).first() is None:
                 return []
         stmt = (
-            select(*_CLAIM_COLUMNS)
-            .join(a, a.id == r.action_id)
+            select(*_CLAIM_COLUMNS, r.publish_count)
+            .join(ScheduledAction, ScheduledAction.id == r.action_id)
             .where(stale)
             .order_by(r.id)
             .limit(limit)
@@ -525,8 +532,10 @@ class Repository:
         with self._write_tx() as session:
             rows = session.execute(self._skip_locked(stmt, r)).all()
             if rows:
-                run_ids = [row.run_id for row in rows]
-                session.execute(update(r).where(r.id.in_(run_ids)).values(updated_at=now))
+                session.execute(
+                    update(r),
+                    [_republished(row.run_id, row.publish_count, now, grace_s) for row in rows],
+                )
             return [_claim(row.run_id, row) for row in rows]
 
     def stale_running(
@@ -653,6 +662,16 @@ def _action_update(row: Row[Any], decided: SlotPlan, ran: int, now: datetime) ->
     return values
 
 
+def _republished(run_id: int, count: int, now: datetime, grace_s: float) -> dict[str, Any]:
+    backoff_s = grace_s * 2 ** min(count + 1, MAX_REPUBLISH_DOUBLINGS)
+    return {
+        "id": run_id,
+        "updated_at": now,
+        "publish_count": count + 1,
+        "republish_at": now + timedelta(seconds=backoff_s),
+    }
+
+
 def _new_run(
     action_id: int, slot: datetime, trigger: str, status: str, now: datetime
 ) -> dict[str, Any]:
@@ -662,6 +681,7 @@ def _new_run(
         "trigger": trigger,
         "status": status,
         "attempt": 0,
+        "publish_count": 0,
         "created_at": now,
         "updated_at": now,
         "finished_at": now if status == "skipped" else None,

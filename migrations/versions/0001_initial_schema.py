@@ -80,6 +80,8 @@ def upgrade() -> None:
     sa.Column('celery_task_id', sa.String(length=255), nullable=True),
     sa.Column('worker', sa.String(length=255), nullable=True),
     sa.Column('retry_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('publish_count', sa.Integer(), nullable=False),
+    sa.Column('republish_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('heartbeat_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),

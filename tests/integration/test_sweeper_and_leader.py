@@ -134,3 +134,26 @@ def test_a_heartbeat_after_the_sweepers_look_wins(repo: Repository, settings: Se
     # Then the takeover is refused, and the worker keeps its run
     assert not repo.requeue_lost(run_id, 1, now=datetime.now(UTC), error="x", stale_before=cutoff)
     assert repo.get_run(run_id)["status"] == "running"
+
+
+def test_republishing_backs_off_for_a_run_that_stays_queued(
+    repo: Repository, settings: Settings, celery_app: Celery
+):
+    # Given a run queued long ago that no worker has picked up (a backlog, or a lost message)
+    t0 = datetime.now(UTC) - timedelta(seconds=600)
+    claimed_run(repo, settings, t0)
+    beat = engine(settings, repo, celery_app)
+    grace = timedelta(seconds=settings.pending_grace_s)
+    # When the sweeper runs at growing intervals
+    published = [
+        beat.sweep(now)
+        for now in (
+            t0 + 2 * grace,  # first republish: the grace has passed
+            t0 + 3 * grace,  # one more grace: still inside its 2 x grace backoff
+            t0 + 5 * grace,  # past the backoff: republished again
+            t0 + 8 * grace,  # inside the 4 x grace backoff
+            t0 + 10 * grace,  # past it
+        )
+    ]
+    # Then the copies thin out instead of arriving every sweep
+    assert published == [1, 0, 1, 0, 1]
