@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from kombu.exceptions import OperationalError as BrokerError
@@ -16,28 +16,28 @@ from redis.exceptions import RedisError
 from gathering_tasks import runtime
 from gathering_tasks.actions import ActionSpec, validate_action
 from gathering_tasks.app import app as celery_app
-from gathering_tasks.db.repo import Claim, Repository
+from gathering_tasks.clock import utcnow
+from gathering_tasks.db.ledger import Dispatch
+from gathering_tasks.db.repo import Repository
 from gathering_tasks.errors import InvalidInput
-from gathering_tasks.publish import publish_claims
+from gathering_tasks.publish import publish
 from gathering_tasks.schedules import OnceSchedule, Schedule, first_slot, schedule_to_spec
 from gathering_tasks.settings import Settings
-from gathering_tasks.tasks.actions import task_allowed
+from gathering_tasks.work import task_allowed
 
 log = logging.getLogger(__name__)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def action_service() -> ActionService:
     """The service wired to the configured database and broker: ``action_service().pause(n)``."""
     settings = runtime.settings()
 
-    def publish(claim: Claim) -> None:
-        publish_claims(celery_app, [claim], default_queue=settings.default_queue)
+    def publish_one(dispatch: Dispatch) -> None:
+        publish(celery_app, [dispatch], default_queue=settings.default_queue)
 
-    return ActionService(runtime.repository(), settings, task_allowed=task_allowed, publish=publish)
+    return ActionService(
+        runtime.repository(), settings, task_allowed=task_allowed, publish=publish_one
+    )
 
 
 def initial_slot(spec: ActionSpec, schedule: Schedule, now: datetime) -> datetime | None:
@@ -58,6 +58,17 @@ def _columns(spec: ActionSpec, schedule: Schedule) -> dict[str, Any]:
     return values
 
 
+def _spec_data(current: Mapping[str, Any]) -> dict[str, Any]:
+    """An action row as the definition a user would write (``config``, not ``action_config``)."""
+    data = {
+        key: current[key]
+        for key in ActionSpec.model_fields
+        if key in current and current[key] is not None
+    }
+    data["config"] = current["action_config"]
+    return data
+
+
 class ActionService:
     """Actions as a user sees them. Dependencies are passed in; nothing global."""
 
@@ -67,7 +78,7 @@ class ActionService:
         settings: Settings,
         *,
         task_allowed: Callable[[str], bool],
-        publish: Callable[[Claim], None] | None = None,
+        publish: Callable[[Dispatch], None] | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.repo = repo
@@ -96,68 +107,84 @@ class ActionService:
             raise InvalidInput(
                 "leaves no slot at or after now: the action would never run", field=field
             )
-        return self.repo.create_action(_columns(spec, schedule), next_run_at=first, now=now)
+        return self.repo.actions.create(_columns(spec, schedule), next_run_at=first, now=now)
 
     def update(self, name: str, changes: Mapping[str, Any]) -> dict[str, Any]:
-        """Change an action's definition; its next slot is recomputed from now."""
+        """Change an action's definition; its next slot is recomputed from now.
+
+        Read, validation and write happen under the action's row lock, so a concurrent
+        pause or resume is never lost.
+        """
         now = self._clock()
-        current = self.get(name)
-        merged = {
-            key: current[key]
-            for key in ActionSpec.model_fields
-            if key in current and current[key] is not None
-        }
-        merged["config"] = current["action_config"]
-        merged.update(changes)
-        if merged.get("name") != name:
-            raise InvalidInput("cannot be changed; create a new action instead", field="name")
-        spec, schedule = self._validate(merged, now)
-        slot = initial_slot(spec, schedule, now)
-        status = current["status"] if current["status"] in ("paused", "disabled") else None
-        return self.repo.update_action(
-            name,
-            _columns(spec, schedule),
-            next_run_at=slot,
-            status=status or ("active" if slot else "completed"),
-            now=now,
-        )
+
+        def change(current: dict[str, Any]) -> dict[str, Any]:
+            merged = {**_spec_data(current), **changes}
+            if merged.get("name") != name:
+                raise InvalidInput("cannot be changed; create a new action instead", field="name")
+            spec, schedule = self._validate(merged, now)
+            slot = initial_slot(spec, schedule, now)
+            keep = current["status"] if current["status"] in ("paused", "disabled") else None
+            status = keep or ("active" if slot else "completed")
+            return {**_columns(spec, schedule), "next_run_at": slot, "status": status}
+
+        return self.repo.actions.mutate(name, change, now=now)
 
     def get(self, name: str) -> dict[str, Any]:
-        return self.repo.get_action(name)
+        return self.repo.actions.get(name)
 
     def list_actions(self, status: str | None = None) -> list[dict[str, Any]]:
-        return self.repo.list_actions(status)
+        return self.repo.actions.list_actions(status)
 
     def pause(self, name: str) -> dict[str, Any]:
-        return self.repo.set_status(name, "paused", now=self._clock())
+        return self.repo.actions.mutate(name, lambda _c: {"status": "paused"}, now=self._clock())
 
     def resume(self, name: str) -> dict[str, Any]:
         """Resume from now: slots missed while paused are not run."""
         now = self._clock()
-        current = self.get(name)
-        data = {k: current[k] for k in ActionSpec.model_fields if current.get(k) is not None}
-        data["config"] = current["action_config"]
-        spec, schedule = self._validate(data, now)
-        slot = initial_slot(spec, schedule, now)
-        return self.repo.set_status(
-            name, "active" if slot else "completed", now=now, next_run_at=slot
+
+        def change(current: dict[str, Any]) -> dict[str, Any]:
+            spec, schedule = self._validate(_spec_data(current), now)
+            slot = initial_slot(spec, schedule, now)
+            return {"status": "active" if slot else "completed", "next_run_at": slot}
+
+        return self.repo.actions.mutate(name, change, now=now)
+
+    def delete(self, name: str) -> dict[str, Any]:
+        """Archive the action: it never runs again, its history stays, its name is free.
+
+        Queued runs are cancelled; a run in flight finishes and is recorded."""
+        return self.repo.actions.archive(name, now=self._clock())
+
+    def trigger(self, name: str, *, trigger: str = "manual", key: str | None = None) -> int:
+        """Run an action now, outside its schedule. Returns the run id.
+
+        With ``key``, a repeated call with the same key returns the first run instead of
+        making another."""
+        dispatch, status = self.repo.claims.trigger(
+            name, now=self._clock(), trigger=trigger, key=key
         )
-
-    def delete(self, name: str) -> None:
-        self.repo.delete_action(name)
-
-    def trigger(self, name: str, *, trigger: str = "manual") -> int:
-        """Run an action now, outside its schedule. Returns the run id."""
-        claim = self.repo.trigger_now(name, now=self._clock(), trigger=trigger)
-        if self._publish is not None:
+        if self._publish is not None and status == "pending":
             try:
-                self._publish(claim)
+                self._publish(dispatch)
             except (BrokerError, RedisError, OSError) as exc:
                 # The run is recorded; the beat leader's sweeper publishes it later.
                 log.warning(
                     "run %d recorded; publishing failed (%s), the sweeper will retry",
-                    claim.run_id,
+                    dispatch.record_id,
                     exc,
-                    extra={"run_id": claim.run_id},
+                    extra={"run_id": dispatch.record_id},
                 )
-        return claim.run_id
+        return dispatch.record_id
+
+    def cancel_run(self, run_id: int) -> str:
+        """Cancel a run: a queued one at once; a running one is told to stop (its worker
+        aborts the work and records ``cancelled``). Returns the run's status."""
+        return self.repo.ledger.cancel(run_id)
+
+    def get_run(self, run_id: int) -> dict[str, Any]:
+        return self.repo.ledger.get(run_id)
+
+    def list_runs(
+        self, *, action: str | None = None, status: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        return self.repo.ledger.list_runs(action=action, status=status, limit=limit)

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from celery.beat import Scheduler
@@ -24,28 +24,26 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from gathering_tasks import keys, runtime
-from gathering_tasks.db.repo import Claim, DueAction, Repository, SlotPlan, StaleRun
+from gathering_tasks.clock import utcnow
+from gathering_tasks.db.claims import DueAction, SlotPlan
+from gathering_tasks.db.ledger import Dispatch
+from gathering_tasks.db.repo import Repository
 from gathering_tasks.errors import InvalidInput
+from gathering_tasks.keys import MIN_SLEEP_S
 from gathering_tasks.locks import Lease
-from gathering_tasks.publish import publish_claims
-from gathering_tasks.runs import lost_run_decision
+from gathering_tasks.publish import publish
 from gathering_tasks.schedules import CatchUpPolicy, Schedule, Window, parse_schedule, plan_due
 from gathering_tasks.settings import Settings
+from gathering_tasks.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
 # A slot claimed within this many seconds of its time is "on time" (trigger=schedule);
 # later ones were missed while no beat was leading (trigger=recovery).
 ON_TIME_S = 5.0
-MIN_SLEEP_S = 0.005
-SWEEP_LIMIT = 500
 # A batched publish that fails (the broker went away mid-flush) leaves delivery uncertain: the
 # runs stay pending and the sweeper re-publishes them, as after any broker outage.
 TRANSIENT = (SQLAlchemyError, RedisError, BrokerError, BatchPublishError, OSError)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class SlotPlanner:
@@ -96,7 +94,10 @@ class SlotPlanner:
             for slot in plan.run_slots
         )
         return SlotPlan(
-            run_slots=slots, next_run_at=plan.next_run_at, status=plan.finished or "active"
+            run_slots=slots,
+            next_run_at=plan.next_run_at,
+            status=plan.finished or "active",
+            skipped_slots=plan.skipped_slots,
         )
 
 
@@ -110,15 +111,19 @@ class BeatEngine:
         lease: Lease,
         app: Any,
         *,
-        run_lease_alive: Callable[[int], bool] = lambda _run_id: False,
+        run_lease_alive: Callable[[int], bool] = lambda _record_id: False,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.settings = settings
         self.repo = repo
         self.lease = lease
         self.app = app
-        self.run_lease_alive = run_lease_alive
+        self.clock = clock
         self.is_leader = False
-        self.planner = SlotPlanner(utcnow())
+        self.planner = SlotPlanner(clock())
+        self.sweeper = Sweeper(
+            settings, repo.sweeps, lease_alive=run_lease_alive, publish=self._publish
+        )
         self._next_sweep = 0.0
 
     def lead(self) -> bool:
@@ -136,88 +141,57 @@ class BeatEngine:
         return self.is_leader
 
     def dispatch_due(self, now: datetime) -> int:
-        """Claim and publish every due slot (in batches). Returns how many were published."""
+        """Claim and publish every due slot, in bounded transactions. Returns how many were
+        published. The leader lease is re-checked between transactions: a leader whose lease
+        lapsed mid-tick stops at once."""
         self.planner.now = now
         published = 0
+        settings = self.settings
         while True:
-            claims = self.repo.claim_due(
-                now, limit=self.settings.beat_batch_size, plan=self.planner
+            batch = self.repo.claims.claim_due(
+                now,
+                limit=settings.beat_batch_size,
+                slot_budget=settings.beat_slot_budget,
+                plan=self.planner,
             )
-            published += self._publish(claims)
-            if len(claims) < self.settings.beat_batch_size:
+            published += self._publish(batch.dispatches)
+            if not batch.more or not batch.actions:
+                return published
+            if not self.lead():
                 return published
 
-    def sweep(self, now: datetime) -> int:
-        """Re-publish lost messages and recover runs whose worker died."""
-        settings = self.settings
-        claims = self.repo.stale_queued(now, grace_s=settings.pending_grace_s, limit=SWEEP_LIMIT)
-        stale_before = now - timedelta(seconds=settings.run_lease_ttl_s)
-        for stale in self.repo.stale_running(
-            now, heartbeat_timeout_s=settings.run_lease_ttl_s, limit=SWEEP_LIMIT
-        ):
-            if self.run_lease_alive(stale.run_id):
-                continue  # its worker still renews the lease: slow database writes, not death
-            claim = self._recover(stale, now, stale_before)
-            claims += [claim] if claim else []
-        if claims:
-            log.warning("sweeper re-publishing %d run(s)", len(claims))
-        return self._publish(claims)
-
-    def _recover(self, stale: StaleRun, now: datetime, stale_before: datetime) -> Claim | None:
-        decision = lost_run_decision(
-            stale, now, default_time_limit_s=self.settings.task_time_limit_s
-        )
-        extra = {"run_id": stale.run_id, "attempt": stale.attempt, "decision": decision}
-        if decision == "requeue":
-            requeued = self.repo.requeue_lost(
-                stale.run_id,
-                stale.attempt,
-                now=now,
-                error="worker lost during the run",
-                stale_before=stale_before,
-            )
-            recovered = self.repo.claim_for_publish(stale.run_id) if requeued else None
-        else:
-            error = "run exceeded its time limit" if decision == "timed_out" else "worker lost"
-            self.repo.finish_run(
-                stale.run_id,
-                stale.attempt,
-                status=decision,
-                now=now,
-                error=error,
-                stale_before=stale_before,
-            )
-            recovered = None
-        log.warning("recovered a run whose worker is gone", extra=extra)
-        return recovered
+    def sweep(self, now: datetime | None = None) -> int:
+        """Re-publish lost messages, recover runs whose worker died, prune old runs."""
+        return self.sweeper.sweep(now)
 
     def tick(self) -> float:
         """One beat cycle. Returns seconds to sleep."""
         tick_s = self.settings.beat_tick_s
         if not self.lead():
             return tick_s
-        now = utcnow()
+        now = self.clock()
+        claims = self.repo.claims
         try:
             # One index lookup decides whether the (locking, transactional) claim is needed.
-            upcoming = self.repo.next_due_at()
+            upcoming = claims.next_due_at()
             if upcoming is not None and upcoming <= now:
                 self.dispatch_due(now)
-                upcoming = self.repo.next_due_at()
-            if time.monotonic() >= self._next_sweep:
+                upcoming = claims.next_due_at()
+            if self.is_leader and time.monotonic() >= self._next_sweep:
                 self._next_sweep = time.monotonic() + self.settings.sweep_interval_s
-                self.sweep(now)
+                self.sweep()
         except TRANSIENT as exc:
             log.error("beat tick failed, will retry: %s", exc)
             return tick_s
         if upcoming is None:
             return tick_s
-        wait_s = (upcoming - utcnow()).total_seconds()
+        wait_s = (upcoming - self.clock()).total_seconds()
         return max(MIN_SLEEP_S, min(tick_s, wait_s))
 
-    def _publish(self, claims: list[Claim]) -> int:
-        if not claims:
+    def _publish(self, dispatches: list[Dispatch]) -> int:
+        if not dispatches:
             return 0
-        sent = publish_claims(self.app, claims, default_queue=self.settings.default_queue)
+        sent = publish(self.app, dispatches, default_queue=self.settings.default_queue)
         log.info("published %d run(s)", sent)
         return sent
 

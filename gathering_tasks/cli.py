@@ -173,17 +173,22 @@ def actions_resume(name: str) -> None:
 
 @actions_app.command("delete")
 def actions_delete(name: str) -> None:
-    """Delete an action and its runs."""
+    """Delete an action: it stops for good; its runs stay (queued ones are cancelled)."""
     with _errors():
         _service().delete(name)
-        typer.echo(f"deleted {name}")
+        typer.echo(f"deleted {name} (archived; its runs are kept)")
 
 
 @actions_app.command("trigger")
-def actions_trigger(name: str) -> None:
+def actions_trigger(
+    name: str,
+    key: Annotated[
+        str | None, typer.Option(help="Idempotency key: a repeat with it makes no new run.")
+    ] = None,
+) -> None:
     """Run an action now, outside its schedule."""
     with _errors():
-        typer.echo(f"run {_service().trigger(name)} queued")
+        typer.echo(f"run {_service().trigger(name, key=key)} queued")
 
 
 @runs_app.command("list")
@@ -194,7 +199,7 @@ def runs_list(
 ) -> None:
     """List recent runs."""
     with _errors():
-        for run in runtime.repository().list_runs(action=action, status=status, limit=limit):
+        for run in _service().list_runs(action=action, status=status, limit=limit):
             typer.echo(
                 f"{run['id']:>8} action={run['action_id']:<6} {run['status']:<10} "
                 f"attempt={run['attempt']} slot={run['scheduled_for']} trigger={run['trigger']}"
@@ -205,7 +210,18 @@ def runs_list(
 def runs_show(run_id: int) -> None:
     """Show one run."""
     with _errors():
-        _print(runtime.repository().get_run(run_id))
+        _print(_service().get_run(run_id))
+
+
+@runs_app.command("cancel")
+def runs_cancel(run_id: int) -> None:
+    """Cancel a run: a queued one at once; a running one is told to stop."""
+    with _errors():
+        status = _service().cancel_run(run_id)
+        if status == "running":
+            typer.echo(f"run {run_id} is running: cancellation requested")
+        else:
+            typer.echo(f"run {run_id} is {status}")
 
 
 @demo_app.command("seed")

@@ -48,3 +48,7 @@ class NotAvailable(PermanentFailure):
 
 class TaskTimedOut(PermanentFailure):
     """The work exceeded its time limit."""
+
+
+class ExecutionAborted(GatheringError):
+    """The work was stopped: its record was cancelled or taken over by another attempt."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Literal
 
 import redis
 from redis.exceptions import LockError, RedisError
@@ -35,11 +36,23 @@ class Lease:
 
     def extend(self) -> bool:
         """Reset the TTL if we still hold the lease; False if it was lost (or Redis is down)."""
+        return self.renew() == "held"
+
+    def renew(self) -> Literal["held", "lost", "unknown"]:
+        """Reset the TTL if we still hold the lease.
+
+        ``lost``: somebody else holds it or it expired (a holder never re-takes a lost
+        lease: another worker may be inside the work by now). ``unknown``: Redis did not
+        answer; the lease may still be ours, so the caller may try again.
+        """
         try:
-            return bool(self._lock.extend(self.ttl_s, replace_ttl=True))
-        except (LockError, RedisError) as exc:
+            return "held" if self._lock.extend(self.ttl_s, replace_ttl=True) else "lost"
+        except LockError as exc:
             log.warning("lease lost: %s", exc, extra={"lease": self.name})
-            return False
+            return "lost"
+        except RedisError as exc:
+            log.warning("lease renewal failed: %s", exc, extra={"lease": self.name})
+            return "unknown"
 
     def release(self) -> None:
         """Give the lease back if we still hold it; a lost lease is left alone."""

@@ -1,4 +1,4 @@
-"""Publishing runs to the broker: one task per action type, one dispatch table."""
+"""Publishing ledger records to the broker: one task per kind, named by the registry."""
 
 from __future__ import annotations
 
@@ -8,46 +8,40 @@ from typing import Any
 
 from celery import Celery
 
-from gathering_tasks.db.repo import Claim
+from gathering_tasks.db.ledger import Dispatch
+from gathering_tasks.keys import HARD_LIMIT_MARGIN_S
+from gathering_tasks.kinds import kind
 
 log = logging.getLogger(__name__)
 
-ACTION_TASKS: dict[str, str] = {
-    "run_task": "gathering.run_task",
-    "execute_pipeline": "gathering.execute_pipeline",
-    "send_notification": "gathering.send_notification",
-    "call_api": "gathering.call_api",
-}
-HARD_LIMIT_MARGIN_S = 10
 
-
-def message_options(claim: Claim, default_queue: str) -> dict[str, Any]:
-    """Routing and time limits of a run's message (JSON payload: the run id only)."""
-    options: dict[str, Any] = {"queue": claim.queue or default_queue}
-    if claim.priority is not None:
-        options["priority"] = claim.priority
-    if claim.timeout_s:
-        options["soft_time_limit"] = claim.timeout_s
-        options["time_limit"] = claim.timeout_s + HARD_LIMIT_MARGIN_S
+def message_options(dispatch: Dispatch, default_queue: str) -> dict[str, Any]:
+    """Routing and time limits of a record's message (JSON payload: the record id only)."""
+    options: dict[str, Any] = {"queue": dispatch.queue or default_queue}
+    if dispatch.priority is not None:
+        options["priority"] = dispatch.priority
+    if dispatch.timeout_s:
+        options["soft_time_limit"] = dispatch.timeout_s
+        options["time_limit"] = dispatch.timeout_s + HARD_LIMIT_MARGIN_S
     return options
 
 
-def publish_claims(
-    app: Celery, claims: Iterable[Claim], *, default_queue: str, countdown_s: float = 0.0
+def publish(
+    app: Celery, dispatches: Iterable[Dispatch], *, default_queue: str, countdown_s: float = 0.0
 ) -> int:
-    """Publish each claim on one reused producer connection. Returns how many were sent."""
+    """Publish each record on one reused producer connection. Returns how many were sent."""
     sent = 0
     with app.producer_or_acquire() as producer, producer.batch():
         # kombu >= 5.7: the Redis commands of every message (and its task-sent event) go in
         # pipelined round trips, flushed when the batch closes.
-        for claim in claims:
+        for dispatch in dispatches:
             app.send_task(
-                ACTION_TASKS[claim.action_type],
-                args=[claim.run_id],
+                kind(dispatch.kind).task_name,
+                args=[dispatch.record_id],
                 producer=producer,
                 countdown=countdown_s or None,
                 add_to_parent=False,
-                **message_options(claim, default_queue),
+                **message_options(dispatch, default_queue),
             )
             sent += 1
     return sent

@@ -13,7 +13,9 @@ from gathering_tasks.settings import Settings, get_settings
 
 @functools.cache
 def repository(database_url: str | None = None) -> Repository:
-    return Repository(session_factory(database_url or get_settings().database_url))
+    settings = get_settings()
+    factory = session_factory(database_url or settings.database_url, settings.db_timeouts)
+    return Repository(factory)
 
 
 @functools.cache

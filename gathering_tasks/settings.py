@@ -19,8 +19,10 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, computed_field, field_validator
+from pydantic import Field, SecretStr, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from gathering_tasks.db.engine import DbTimeouts
 
 DEFAULT_SQLITE_PATH = Path("var") / "gathering.db"
 
@@ -45,6 +47,12 @@ class Settings(BaseSettings):
     leader_lease_ttl_s: float = Field(default=10.0, gt=1)
     sweep_interval_s: float = Field(default=5.0, gt=0)
     pending_grace_s: float = Field(default=30.0, gt=0)
+    # One claim transaction holds at most this many slots: a long outage is caught up in
+    # bounded transactions, and the leader re-checks its lease between them.
+    beat_slot_budget: int = Field(default=2000, ge=1)
+    # Finished runs older than this are pruned by the leader, in bounded batches (0: never).
+    retention_days: float = Field(default=30.0, ge=0)
+    retention_batch: int = Field(default=1000, ge=1)
 
     # Tasks
     task_time_limit_s: int = Field(default=300, ge=1)
@@ -52,6 +60,16 @@ class Settings(BaseSettings):
     lock_margin_s: int = Field(default=30, ge=1)
     default_queue: str = "gathering"
     worker_prefetch_multiplier: int = Field(default=1, ge=1)
+    # How long a worker keeps trying to record an outcome (holding the run's lease and
+    # heartbeat) while the database is unreachable, before it gives the run up.
+    outcome_retry_s: float = Field(default=300.0, gt=0)
+
+    # Database call bounds (PostgreSQL: connect_timeout, statement_timeout, lock_timeout;
+    # SQLite: busy timeout). Each must stay below the run lease TTL; unset, they are derived
+    # from it (at most 5 s, 5 s and 2 s).
+    db_connect_timeout_s: int | None = Field(default=None, ge=1)
+    db_statement_timeout_s: float | None = Field(default=None, gt=0)
+    db_lock_timeout_s: float | None = Field(default=None, gt=0)
     run_task_allowlist: CsvList = Field(default_factory=list)
     max_config_bytes: int = Field(default=64 * 1024, ge=1024)
     max_result_bytes: int = Field(default=16 * 1024, ge=256)
@@ -103,6 +121,26 @@ class Settings(BaseSettings):
     @property
     def heartbeat_interval_s(self) -> float:
         return self.run_lease_ttl_s / 3
+
+    @model_validator(mode="after")
+    def _bounded_below_lease(self) -> Settings:
+        for name in ("db_statement_timeout_s", "db_lock_timeout_s", "db_connect_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and value >= self.run_lease_ttl_s:
+                raise ValueError(
+                    f"{name} must be below run_lease_ttl_s ({self.run_lease_ttl_s}): a "
+                    "database call must end before a live run could be presumed dead"
+                )
+        return self
+
+    @property
+    def db_timeouts(self) -> DbTimeouts:
+        half_s = self.run_lease_ttl_s / 2
+        return DbTimeouts(
+            connect_s=self.db_connect_timeout_s or max(1, min(5, int(half_s))),
+            statement_s=self.db_statement_timeout_s or min(5.0, half_s),
+            lock_s=self.db_lock_timeout_s or min(2.0, half_s / 2),
+        )
 
     @property
     def is_sqlite(self) -> bool:

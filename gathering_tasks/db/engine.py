@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,44 @@ from sqlalchemy.orm import Session, sessionmaker
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def _sqlite_setup(engine: Engine) -> None:
+@dataclass(frozen=True)
+class DbTimeouts:
+    """Bounds on every database call of a running service (settings derive them).
+
+    A stalled database must not stall a worker indefinitely: a connect, a statement and a
+    wait for a row lock each give up after these, and the caller retries or reports.
+    """
+
+    connect_s: int = 5
+    statement_s: float = 5.0
+    lock_s: float = 2.0
+
+
+def _postgres_args(timeouts: DbTimeouts) -> dict[str, Any]:
+    options = (
+        f"-c statement_timeout={int(timeouts.statement_s * 1000)} "
+        f"-c lock_timeout={int(timeouts.lock_s * 1000)} "
+        "-c idle_in_transaction_session_timeout=60000"
+    )
+    return {
+        "connect_timeout": max(1, timeouts.connect_s),
+        "options": options,
+        # A link that silently drops packets is noticed by TCP keepalives, not never.
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+    }
+
+
+def _sqlite_setup(engine: Engine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # pysqlite's own transaction handling defers BEGIN and breaks locking; take it over.
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
@@ -34,15 +65,22 @@ def _sqlite_setup(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def make_engine(database_url: str, **kwargs: Any) -> Engine:
-    """Create an engine for ``database_url`` (PostgreSQL or SQLite)."""
+def make_engine(database_url: str, timeouts: DbTimeouts | None = None, **kwargs: Any) -> Engine:
+    """Create an engine for ``database_url`` (PostgreSQL or SQLite).
+
+    ``timeouts`` bound every call (services); without them (migrations, tools) only
+    SQLite's generous busy timeout applies.
+    """
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, **kwargs)
-        _sqlite_setup(engine)
+        busy_ms = int(timeouts.statement_s * 1000) if timeouts else SQLITE_BUSY_TIMEOUT_MS
+        _sqlite_setup(engine, busy_ms)
         return engine
+    if timeouts is not None and url.get_driver_name() == "psycopg2":
+        kwargs.setdefault("connect_args", _postgres_args(timeouts))
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 5)
@@ -57,11 +95,11 @@ def make_engine(database_url: str, **kwargs: Any) -> Engine:
 _FACTORIES: dict[str, sessionmaker[Session]] = {}
 
 
-def session_factory(database_url: str) -> sessionmaker[Session]:
+def session_factory(database_url: str, timeouts: DbTimeouts | None = None) -> sessionmaker[Session]:
     """One engine and session factory per database URL per process."""
     factory = _FACTORIES.get(database_url)
     if factory is None:
-        factory = sessionmaker(make_engine(database_url), expire_on_commit=False)
+        factory = sessionmaker(make_engine(database_url, timeouts), expire_on_commit=False)
         _FACTORIES[database_url] = factory
     return factory
 

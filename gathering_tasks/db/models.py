@@ -15,13 +15,15 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from gathering_tasks.db.types import JsonType, UtcDateTime
+from gathering_tasks.kinds import ACTION_TYPES, EXECUTION_KINDS
 
-ACTION_TYPES = ("run_task", "execute_pipeline", "send_notification", "call_api")
-ACTION_STATUSES = ("active", "paused", "completed", "expired", "disabled")
+ACTION_STATUSES = ("active", "paused", "completed", "expired", "disabled", "archived")
+
 RUN_STATUSES = (
     "pending",
     "running",
@@ -32,7 +34,7 @@ RUN_STATUSES = (
     "cancelled",
     "skipped",
 )
-RUN_TRIGGERS = ("schedule", "recovery", "manual", "api")
+RUN_TRIGGERS = ("schedule", "recovery", "manual", "api", "pipeline")
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -61,10 +63,18 @@ class ScheduledAction(Base):
         CheckConstraint(_in("overlap_policy", ("skip", "allow")), name="overlap_policy"),
         # The due query: WHERE status = 'active' AND next_run_at <= now ORDER BY next_run_at.
         Index("ix_scheduled_actions_due", "status", "next_run_at"),
+        # A name is unique among live actions; an archived action keeps its name and runs.
+        Index(
+            "uq_scheduled_actions_live_name",
+            "name",
+            unique=True,
+            postgresql_where=text("archived_at IS NULL"),
+            sqlite_where=text("archived_at IS NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str | None] = mapped_column(Text)
     action_type: Mapped[str] = mapped_column(String(32))
     action_config: Mapped[dict[str, Any]] = mapped_column(JsonType)
@@ -86,27 +96,44 @@ class ScheduledAction(Base):
     priority: Mapped[int | None] = mapped_column(Integer)
     next_run_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_run_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # Due slots that the catch-up or overlap policy did not run, counted (never silent).
+    skipped_slots: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    archived_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
-class ScheduledActionRun(Base):
-    __tablename__ = "scheduled_action_runs"
+class Execution(Base):
+    """The execution ledger: one record per unit of work a worker executes.
+
+    A scheduled slot, a manual or API trigger (and all retries of either) and a pipeline node
+    are each one record. The guard, the sweeper and the publisher work on any record; the
+    worker executes the ``definition`` snapshot taken when the record was created.
+    """
+
+    __tablename__ = "executions"
     __table_args__ = (
-        # A slot is claimed once: the database, not a lock, enforces it.
-        UniqueConstraint("action_id", "scheduled_for"),
+        # Every entry point dedupes on a key: a slot (action, time), a message id, a node.
+        UniqueConstraint("dedupe_key"),
+        CheckConstraint(_in("kind", EXECUTION_KINDS), name="kind"),
         CheckConstraint(_in("status", RUN_STATUSES), name="status"),
         CheckConstraint(_in("trigger", RUN_TRIGGERS), name="trigger"),
-        # The sweeper's queries: unfinished runs by state and age.
-        Index("ix_scheduled_action_runs_status_updated", "status", "updated_at"),
+        # The sweeper's queries: unfinished records by state and age; retention by age.
+        Index("ix_executions_status_updated", "status", "updated_at"),
+        Index("ix_executions_action_slot", "action_id", "scheduled_for"),
+        Index("ix_executions_finished", "finished_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    action_id: Mapped[int] = mapped_column(
-        ForeignKey("scheduled_actions.id", ondelete="CASCADE"), index=True
-    )
-    scheduled_for: Mapped[datetime] = mapped_column(UtcDateTime)
+    kind: Mapped[str] = mapped_column(String(32))
+    dedupe_key: Mapped[str] = mapped_column(String(300))
+    idempotency_key: Mapped[str] = mapped_column(String(300))
+    action_id: Mapped[int | None] = mapped_column(ForeignKey("scheduled_actions.id"))
+    scheduled_for: Mapped[datetime | None] = mapped_column(UtcDateTime)
     trigger: Mapped[str] = mapped_column(String(16), default="schedule")
+    # What the worker executes: name, config, retry policy, timeout and routing, as they
+    # were when the record was made (an edit or an archive later does not change a run).
+    definition: Mapped[dict[str, Any]] = mapped_column(JsonType)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     celery_task_id: Mapped[str | None] = mapped_column(String(255))
@@ -115,6 +142,7 @@ class ScheduledActionRun(Base):
     # The sweeper's re-publish bookkeeping (a lost message is replaced; a backlog not flooded).
     publish_count: Mapped[int] = mapped_column(Integer, default=0)
     republish_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
@@ -122,6 +150,44 @@ class ScheduledActionRun(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # One entry per finished attempt: attempt, status, worker, started_at, ended_at, error.
     attempts: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class _Views(DeclarativeBase):
+    """Read-only views over the ledger. Not in ``Base.metadata``: migrations create them."""
+
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class ScheduledActionRun(_Views):
+    """``scheduled_action_runs``: the action runs of the ledger, one row per slot or trigger.
+
+    Operators' SQL and dashboards read this view; the product writes ``executions``.
+    """
+
+    __tablename__ = "scheduled_action_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    action_id: Mapped[int] = mapped_column(Integer)
+    scheduled_for: Mapped[datetime] = mapped_column(UtcDateTime)
+    trigger: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer)
+    celery_task_id: Mapped[str | None] = mapped_column(String(255))
+    worker: Mapped[str | None] = mapped_column(String(255))
+    retry_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    publish_count: Mapped[int] = mapped_column(Integer)
+    republish_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonType)
+    dedupe_key: Mapped[str] = mapped_column(String(300))
+    idempotency_key: Mapped[str] = mapped_column(String(300))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
@@ -155,7 +221,7 @@ class PipelineRun(Base):
     )
     pipeline_version: Mapped[int] = mapped_column(Integer)
     action_run_id: Mapped[int | None] = mapped_column(
-        ForeignKey("scheduled_action_runs.id", ondelete="SET NULL"), index=True
+        ForeignKey("executions.id", ondelete="SET NULL"), index=True
     )
     status: Mapped[str] = mapped_column(String(16), default="pending")
     trigger_data: Mapped[dict[str, Any] | None] = mapped_column(JsonType)

@@ -1,0 +1,314 @@
+"""Slot claims: beat turns due slots into ledger records, and triggers add records on demand.
+
+A claim inserts the records of due slots with ``ON CONFLICT (dedupe_key) DO NOTHING`` and
+advances each action's ``next_run_at`` in the same transaction, so a replayed tick or a second
+beat can never create a second record for a slot. The caller publishes after commit. One claim
+transaction holds at most ``slot_budget`` slots, so a long outage is caught up in bounded
+transactions, between which the leader re-checks its lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, func, select, update
+from sqlalchemy.orm import Session
+
+from gathering_tasks.db.ledger import (
+    UNFINISHED,
+    Dispatch,
+    dispatch_for,
+    idempotency_key,
+    slot_key,
+    trigger_key,
+)
+from gathering_tasks.db.models import Base, Execution, ScheduledAction
+from gathering_tasks.db.sql import Sql
+from gathering_tasks.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DueAction:
+    """The columns beat needs to plan an action's due slots."""
+
+    id: int
+    schedule: dict[str, Any]
+    next_run_at: datetime
+    run_count: int
+    start_at: datetime | None
+    end_at: datetime | None
+    max_runs: int | None
+    catchup_mode: str
+    catchup_grace_s: float
+    catchup_max: int
+    overlap_policy: str
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """What beat decided for one due action (computed by the pure planner)."""
+
+    run_slots: tuple[tuple[datetime, str], ...]  # (scheduled_for, trigger)
+    next_run_at: datetime | None
+    status: str  # the action's new status ("active" while more slots remain)
+    skipped_slots: int = 0  # due slots the catch-up policy did not run
+
+
+Planner = Callable[[DueAction], SlotPlan]
+
+
+@dataclass
+class ClaimBatch:
+    """One claim transaction's outcome."""
+
+    dispatches: list[Dispatch] = field(default_factory=list)
+    actions: int = 0  # due actions this batch advanced
+    more: bool = False  # due actions may remain (the batch or the slot budget was full)
+
+
+def definition_of(action: Any) -> dict[str, Any]:
+    """The snapshot a record executes: taken when the record is made."""
+    return {
+        "name": action.name,
+        "config": action.action_config,
+        "retry_max_attempts": action.retry_max_attempts,
+        "retry_backoff_s": action.retry_backoff_s,
+        "retry_backoff_max_s": action.retry_backoff_max_s,
+        "timeout_s": action.timeout_s,
+        "queue": action.queue,
+        "priority": action.priority,
+    }
+
+
+_a = ScheduledAction
+_DUE_COLUMNS = (
+    _a.id,
+    _a.name,
+    _a.schedule,
+    _a.next_run_at,
+    _a.run_count,
+    _a.start_at,
+    _a.end_at,
+    _a.max_runs,
+    _a.catchup_mode,
+    _a.catchup_grace_s,
+    _a.catchup_max,
+    _a.overlap_policy,
+    _a.action_type,
+    _a.action_config,
+    _a.retry_max_attempts,
+    _a.retry_backoff_s,
+    _a.retry_backoff_max_s,
+    _a.timeout_s,
+    _a.queue,
+    _a.priority,
+    _a.skipped_slots,
+)
+
+
+class SlotClaims(Sql):
+    """Beat's claims of due slots, and triggers outside the schedule."""
+
+    def claim_due(
+        self, now: datetime, *, limit: int, slot_budget: int, plan: Planner
+    ) -> ClaimBatch:
+        """Claim the due slots of up to ``limit`` actions, at most ``slot_budget`` slots."""
+        a = ScheduledAction
+        stmt = (
+            select(*_DUE_COLUMNS)
+            .where(a.status == "active", a.next_run_at <= now)
+            .order_by(a.next_run_at)
+            .limit(limit)
+        )
+        with self.write_tx() as session:
+            rows = session.execute(self.skip_locked(stmt, a)).all()
+            if not rows:
+                return ClaimBatch()
+            busy = _busy_actions(session, [r.id for r in rows if r.overlap_policy == "skip"])
+            batch = self._claim_rows(
+                session, rows, busy=busy, now=now, plan=plan, slot_budget=slot_budget
+            )
+            batch.more = batch.more or len(rows) == limit
+            return batch
+
+    def _claim_rows(
+        self,
+        session: Session,
+        rows: Sequence[Row[Any]],
+        *,
+        busy: set[int],
+        now: datetime,
+        plan: Planner,
+        slot_budget: int,
+    ) -> ClaimBatch:
+        batch = ClaimBatch()
+        records: list[dict[str, Any]] = []
+        decided: list[tuple[Row[Any], SlotPlan, bool]] = []
+        for row in rows:
+            is_busy = row.id in busy
+            # A busy action's slots are recorded as skipped: they are not runs, so they
+            # neither count towards max_runs nor complete the action.
+            slot_plan = plan(_due_action(row, count_runs=not is_busy))
+            if decided and len(records) + len(slot_plan.run_slots) > slot_budget:
+                batch.more = True  # the rest stays due for the next transaction
+                break
+            status = "skipped" if is_busy else "pending"
+            records += [
+                _new_record(row, slot, trig, status, now) for slot, trig in slot_plan.run_slots
+            ]
+            decided.append((row, slot_plan, is_busy))
+        inserted = self._insert(session, records)
+        accepted = Counter(action_id for _rid, action_id, st in inserted if st == "pending")
+        session.execute(
+            update(ScheduledAction),
+            [_advance(row, p, busy_, accepted[row.id], now) for row, p, busy_ in decided],
+        )
+        by_id = {row.id: row for row, _p, _b in decided}
+        batch.dispatches = [
+            dispatch_for(rid, by_id[aid].action_type, definition_of(by_id[aid]))
+            for rid, aid, st in inserted
+            if st == "pending"
+        ]
+        batch.actions = len(decided)
+        return batch
+
+    def _insert(
+        self, session: Session, records: list[dict[str, Any]]
+    ) -> list[tuple[int, int, str]]:
+        if not records:
+            return []
+        table = Base.metadata.tables[Execution.__tablename__]
+        stmt = (
+            self.insert(table)
+            .on_conflict_do_nothing(index_elements=[table.c.dedupe_key])
+            .returning(table.c.id, table.c.action_id, table.c.status)
+        )
+        # executemany: one cached statement, sent as batched multi-row INSERTs.
+        result = session.connection().execute(stmt, records)
+        return [(row[0], row[1], row[2]) for row in result]
+
+    def next_due_at(self) -> datetime | None:
+        """The earliest ``next_run_at`` of an active action (an index lookup)."""
+        a = ScheduledAction
+        stmt = select(func.min(a.next_run_at)).where(a.status == "active")
+        with self.factory() as session:
+            value: datetime | None = session.execute(stmt).scalar_one_or_none()
+        return value
+
+    def trigger(
+        self, name: str, *, now: datetime, trigger: str = "manual", key: str | None = None
+    ) -> tuple[Dispatch, str]:
+        """A record outside the schedule, deduplicated on ``key`` (a message id, say).
+
+        Returns the dispatch and the record's status: a repeated key gives the first
+        record back, unchanged, so a redelivered trigger never makes a second run.
+        """
+        a = ScheduledAction
+        with self.write_tx() as session:
+            action = session.execute(
+                select(*_DUE_COLUMNS).where(a.name == name, a.archived_at.is_(None))
+            ).first()
+            if action is None:
+                raise NotFound(f"no action named {name!r}")
+            dedupe = trigger_key(action.id, key or uuid.uuid4().hex)
+            record = _new_record(action, now, trigger, "pending", now, dedupe_key=dedupe)
+            inserted = self._insert(session, [record])
+            if inserted:
+                first = dispatch_for(inserted[0][0], action.action_type, definition_of(action))
+                return first, "pending"
+            e = Execution
+            existing = session.execute(
+                select(e.id, e.kind, e.definition, e.status).where(e.dedupe_key == dedupe)
+            ).one()
+            return dispatch_for(existing.id, existing.kind, existing.definition), existing.status
+
+
+def _busy_actions(session: Session, action_ids: Sequence[int]) -> set[int]:
+    if not action_ids:
+        return set()
+    e = Execution
+    stmt = (
+        select(e.action_id).where(e.action_id.in_(action_ids), e.status.in_(UNFINISHED)).distinct()
+    )
+    return {action_id for action_id in session.scalars(stmt) if action_id is not None}
+
+
+def _due_action(row: Row[Any], *, count_runs: bool) -> DueAction:
+    return DueAction(
+        id=row.id,
+        schedule=row.schedule,
+        next_run_at=row.next_run_at,
+        run_count=row.run_count,
+        start_at=row.start_at,
+        end_at=row.end_at,
+        max_runs=row.max_runs if count_runs else None,
+        catchup_mode=row.catchup_mode,
+        catchup_grace_s=row.catchup_grace_s,
+        catchup_max=row.catchup_max,
+        overlap_policy=row.overlap_policy,
+    )
+
+
+def _advance(
+    row: Row[Any], plan: SlotPlan, busy: bool, accepted: int, now: datetime
+) -> dict[str, Any]:
+    """The action's new state: ``run_count`` counts the records the database accepted."""
+    skipped = plan.skipped_slots + (len(plan.run_slots) if busy else 0)
+    status = plan.status
+    if busy and status == "completed" and row.run_count == 0:
+        # Its only slots were skipped for overlap: it never ran, so it expired.
+        status = "expired"
+    if skipped:
+        log.warning(
+            "action %s: %d due slot(s) not run (%s)",
+            row.name,
+            skipped,
+            "previous run unfinished" if busy else f"catch-up policy {row.catchup_mode}",
+            extra={"action_id": row.id, "skipped_slots": skipped},
+        )
+    values: dict[str, Any] = {
+        "id": row.id,
+        "next_run_at": plan.next_run_at,
+        "status": status,
+        "run_count": row.run_count + accepted,
+        "skipped_slots": row.skipped_slots + skipped,
+        "updated_at": now,
+    }
+    if plan.run_slots:
+        values["last_run_at"] = plan.run_slots[-1][0]
+    return values
+
+
+def _new_record(
+    action: Any,
+    slot: datetime,
+    trigger: str,
+    status: str,
+    now: datetime,
+    *,
+    dedupe_key: str | None = None,
+) -> dict[str, Any]:
+    dedupe = dedupe_key or slot_key(action.id, slot)
+    return {
+        "kind": action.action_type,
+        "dedupe_key": dedupe,
+        "idempotency_key": idempotency_key(dedupe),
+        "action_id": action.id,
+        "scheduled_for": slot,
+        "trigger": trigger,
+        "definition": definition_of(action),
+        "status": status,
+        "attempt": 0,
+        "publish_count": 0,
+        "created_at": now,
+        "updated_at": now,
+        "finished_at": now if status == "skipped" else None,
+    }

@@ -1,0 +1,417 @@
+"""The execution ledger: records of work, and the worker's side of the guard.
+
+A record is one unit of work (a slot, a trigger, a pipeline node). A worker may execute it
+only after moving it ``pending|retrying -> running`` here; every later write is fenced by the
+attempt number, so a worker that was presumed dead cannot overwrite a newer attempt. Times
+that decide liveness (``started_at``, ``heartbeat_at``, ``retry_at``) come from the database
+clock. :class:`LedgerPort` is what the guard needs; :class:`SqlLedger` implements it on
+PostgreSQL and SQLite, and ``gathering_tasks.db.memory.MemoryLedger`` in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from gathering_tasks.db.models import Execution, ScheduledAction
+from gathering_tasks.db.sql import Sql
+from gathering_tasks.errors import NotFound
+from gathering_tasks.keys import MAX_ATTEMPT_HISTORY, RETRY_CLOCK_SKEW_S
+
+UNFINISHED = ("pending", "running", "retrying")
+FINAL = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
+Refusal = Literal["missing", "kind_mismatch", "not_startable"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int
+    backoff_s: float
+    backoff_max_s: float
+
+
+@dataclass(frozen=True)
+class Record:
+    """A record a worker has just moved to ``running``: what it must execute, and how."""
+
+    id: int
+    kind: str
+    attempt: int
+    definition: dict[str, Any]
+    idempotency_key: str
+    trigger: str
+    action_id: int | None = None
+    scheduled_for: datetime | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.definition.get("name", f"record-{self.id}"))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.definition.get("config") or {})
+
+    @property
+    def retry(self) -> RetryPolicy:
+        d = self.definition
+        return RetryPolicy(
+            max_attempts=int(d.get("retry_max_attempts", 1)),
+            backoff_s=float(d.get("retry_backoff_s", 0.0)),
+            backoff_max_s=float(d.get("retry_backoff_max_s", 0.0)),
+        )
+
+    @property
+    def timeout_s(self) -> int | None:
+        value = self.definition.get("timeout_s")
+        return int(value) if value else None
+
+
+@dataclass(frozen=True)
+class StartRefused:
+    """Why a delivery may not start its record (it is dropped, the record left alone)."""
+
+    reason: Refusal
+    status: str | None = None
+    kind: str | None = None
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A record to publish: the message carries only the record id; routing comes along."""
+
+    record_id: int
+    kind: str
+    queue: str | None = None
+    priority: int | None = None
+    timeout_s: int | None = None
+
+
+@dataclass(frozen=True)
+class Pulse:
+    """A heartbeat's answer: does the attempt still own its record, and is it cancelled?"""
+
+    owned: bool
+    cancel_requested: bool = False
+
+
+def dispatch_for(record_id: int, kind: str, definition: Mapping[str, Any]) -> Dispatch:
+    return Dispatch(
+        record_id=record_id,
+        kind=kind,
+        queue=definition.get("queue"),
+        priority=definition.get("priority"),
+        timeout_s=definition.get("timeout_s"),
+    )
+
+
+def attempt_entry(
+    attempt: int, status: str, worker: str | None, started_at: datetime | None, ended_at: datetime
+) -> dict[str, Any]:
+    return {
+        "attempt": attempt,
+        "status": status,
+        "worker": worker,
+        "started_at": started_at.isoformat() if started_at else None,
+        "ended_at": ended_at.isoformat(),
+    }
+
+
+class LedgerPort(Protocol):
+    """The ledger as the guard sees it. Every write after ``start`` is fenced by attempt."""
+
+    def start(
+        self, record_id: int, *, kind: str, worker: str, task_id: str | None
+    ) -> Record | StartRefused: ...
+
+    def heartbeat(self, record_id: int, attempt: int) -> Pulse: ...
+
+    def finish(
+        self,
+        record_id: int,
+        attempt: int,
+        *,
+        status: str,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> bool: ...
+
+    def schedule_retry(
+        self, record_id: int, attempt: int, *, delay_s: float, error: str
+    ) -> bool: ...
+
+    def dispatch_of(self, record_id: int) -> Dispatch | None: ...
+
+    def cancel(self, record_id: int) -> str: ...
+
+
+def record_to_dict(row: Execution) -> dict[str, Any]:
+    """A JSON-friendly view of a record."""
+    out: dict[str, Any] = {}
+    for column in Execution.__table__.columns:
+        value = getattr(row, column.key)
+        out[column.key] = value.isoformat() if isinstance(value, datetime) else value
+    return out
+
+
+class SqlLedger(Sql):
+    """:class:`LedgerPort` on PostgreSQL and SQLite, plus the operators' reads of runs."""
+
+    def start(
+        self, record_id: int, *, kind: str, worker: str, task_id: str | None
+    ) -> Record | StartRefused:
+        """Move a record ``pending|retrying -> running`` if it is of ``kind``."""
+        e = Execution
+        stmt = (
+            update(e)
+            .where(
+                e.id == record_id,
+                e.kind == kind,
+                or_(
+                    e.status == "pending",
+                    # A retry waits out its backoff: an early copy of the message is dropped.
+                    and_(
+                        e.status == "retrying",
+                        e.retry_at <= self.now(timedelta(seconds=RETRY_CLOCK_SKEW_S)),
+                    ),
+                ),
+            )
+            .values(
+                status="running",
+                attempt=e.attempt + 1,
+                worker=worker,
+                celery_task_id=task_id,
+                started_at=self.now(),
+                heartbeat_at=self.now(),
+                retry_at=None,
+                # A started record's messages did their job: the next attempt backs off afresh.
+                publish_count=0,
+                republish_at=None,
+                updated_at=self.now(),
+            )
+            .returning(
+                e.attempt,
+                e.definition,
+                e.idempotency_key,
+                e.trigger,
+                e.action_id,
+                e.scheduled_for,
+            )
+        )
+        with self.write_tx() as session:
+            row = session.execute(stmt).first()
+            if row is None:
+                return _refusal(session, record_id, kind)
+            return Record(
+                id=record_id,
+                kind=kind,
+                attempt=row.attempt,
+                definition=dict(row.definition),
+                idempotency_key=row.idempotency_key,
+                trigger=row.trigger,
+                action_id=row.action_id,
+                scheduled_for=row.scheduled_for,
+            )
+
+    def heartbeat(self, record_id: int, attempt: int) -> Pulse:
+        """Record that the attempt's worker is alive, with the database clock."""
+        e = Execution
+        stmt = (
+            update(e)
+            .where(e.id == record_id, e.attempt == attempt, e.status == "running")
+            .values(heartbeat_at=self.now())
+            .returning(e.cancel_requested_at)
+        )
+        with self.write_tx() as session:
+            row = session.execute(stmt).first()
+        if row is None:
+            return Pulse(owned=False)
+        return Pulse(owned=True, cancel_requested=row.cancel_requested_at is not None)
+
+    def finish(
+        self,
+        record_id: int,
+        attempt: int,
+        *,
+        status: str,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Close an attempt with a final ``status``. False: the attempt was taken over."""
+        with self.write_tx() as session:
+            return close_attempt(
+                self,
+                session,
+                record_id,
+                attempt,
+                status=status,
+                error=error,
+                values={"result": result, "finished_at": self.now()},
+            )
+
+    def schedule_retry(self, record_id: int, attempt: int, *, delay_s: float, error: str) -> bool:
+        """Park a failed attempt as ``retrying`` until ``delay_s`` from now (database clock)."""
+        with self.write_tx() as session:
+            return close_attempt(
+                self,
+                session,
+                record_id,
+                attempt,
+                status="retrying",
+                error=error,
+                values={"retry_at": self.now(timedelta(seconds=delay_s))},
+            )
+
+    def dispatch_of(self, record_id: int) -> Dispatch | None:
+        e = Execution
+        with self.factory() as session:
+            row = session.execute(select(e.kind, e.definition).where(e.id == record_id)).first()
+        return dispatch_for(record_id, row.kind, row.definition) if row else None
+
+    def cancel(self, record_id: int) -> str:
+        """Cancel a record: a queued one at once; a running one is asked to stop.
+
+        Returns the record's status afterwards (``cancelled``, or ``running`` with the
+        request recorded, or the final status it already had).
+        """
+        e = Execution
+        with self.write_tx() as session:
+            row = session.execute(
+                self.for_update(
+                    select(e.status, e.attempt, e.worker, e.started_at).where(e.id == record_id)
+                )
+            ).first()
+            if row is None:
+                raise NotFound(f"no run {record_id}")
+            if row.status in ("pending", "retrying"):
+                close_attempt(
+                    self,
+                    session,
+                    record_id,
+                    row.attempt,
+                    status="cancelled",
+                    error="cancelled before it started",
+                    values={"finished_at": self.now(), "cancel_requested_at": self.now()},
+                    from_status=row.status,
+                )
+                return "cancelled"
+            if row.status == "running":
+                session.execute(
+                    update(e)
+                    .where(e.id == record_id, e.cancel_requested_at.is_(None))
+                    .values(cancel_requested_at=self.now(), updated_at=self.now())
+                )
+            return str(row.status)
+
+    # -- reading runs --------------------------------------------------------------------
+
+    def get(self, record_id: int) -> dict[str, Any]:
+        with self.factory() as session:
+            row = session.get(Execution, record_id)
+            if row is None:
+                raise NotFound(f"no run {record_id}")
+            return record_to_dict(row)
+
+    def list_runs(
+        self, *, action: str | None = None, status: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        e = Execution
+        stmt = select(e).where(e.action_id.is_not(None)).order_by(e.id.desc()).limit(limit)
+        if action:
+            stmt = stmt.join(ScheduledAction, ScheduledAction.id == e.action_id).where(
+                ScheduledAction.name == action
+            )
+        if status:
+            stmt = stmt.where(e.status == status)
+        with self.factory() as session:
+            return [record_to_dict(row) for row in session.scalars(stmt)]
+
+    def count_runs(self, statuses: Iterable[str] | None = None) -> dict[str, int]:
+        e = Execution
+        stmt = select(e.status, func.count()).group_by(e.status)
+        if statuses:
+            stmt = stmt.where(e.status.in_(list(statuses)))
+        with self.factory() as session:
+            return {status: count for status, count in session.execute(stmt).all()}
+
+
+def _refusal(session: Session, record_id: int, kind: str) -> StartRefused:
+    e = Execution
+    row = session.execute(select(e.kind, e.status).where(e.id == record_id)).first()
+    if row is None:
+        return StartRefused("missing")
+    if row.kind != kind:
+        return StartRefused("kind_mismatch", status=row.status, kind=row.kind)
+    return StartRefused("not_startable", status=row.status, kind=row.kind)
+
+
+def close_attempt(
+    sql: Sql,
+    session: Session,
+    record_id: int,
+    attempt: int,
+    *,
+    status: str,
+    error: str | None,
+    values: Mapping[str, Any],
+    from_status: str = "running",
+    stale_before: datetime | None = None,
+) -> bool:
+    """End attempt ``attempt`` with ``status`` and append it to the record's history.
+
+    Fenced by attempt and ``from_status``; with ``stale_before`` (the sweeper) also by the
+    heartbeat still being older than that, so a heartbeat that landed since means alive.
+    """
+    e = Execution
+    fence = [e.id == record_id, e.attempt == attempt, e.status == from_status]
+    if stale_before is not None:
+        fence.append(e.heartbeat_at < stale_before)
+    row = session.execute(
+        sql.for_update(select(e.attempts, e.started_at, e.worker).where(*fence))
+    ).first()
+    if row is None:
+        return False
+    # The history is for people; the host clock is good enough for its end times.
+    entry = attempt_entry(attempt, status, row.worker, row.started_at, datetime.now(UTC))
+    entry["error"] = error
+    history = [*(row.attempts or []), entry][-MAX_ATTEMPT_HISTORY:]
+    session.execute(
+        update(e)
+        .where(*fence)
+        .values(status=status, error=error, attempts=history, updated_at=sql.now(), **values)
+    )
+    return True
+
+
+def _epoch_us(moment: datetime) -> int:
+    delta = moment.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def slot_key(action_id: int, slot: datetime) -> str:
+    """The dedupe key of a scheduled slot: the same slot always gets the same key."""
+    return f"slot:{action_id}:{_epoch_us(slot)}"
+
+
+def trigger_key(action_id: int, key: str) -> str:
+    """The dedupe key of a trigger from outside (a message id, or the caller's own key)."""
+    return f"trigger:{action_id}:{key}"
+
+
+def idempotency_key(dedupe_key: str) -> str:
+    """The key every side effect of a record carries: stable across its attempts.
+
+    Derived from the dedupe key, so it is known before the record is inserted and the same
+    for a slot however often its claim is replayed. Callers' keys are hashed to keep the
+    header short and free of odd characters.
+    """
+    scope, _, rest = dedupe_key.partition(":")
+    if scope == "slot":
+        return "gathering-slot-" + rest.replace(":", "-")
+    digest = hashlib.sha256(dedupe_key.encode()).hexdigest()[:32]
+    return f"gathering-{scope}-{digest}"

@@ -1,0 +1,154 @@
+"""The sweeper's SQL: lost messages, dead workers' records, and retention.
+
+Works on every ledger record, whatever its kind. ``now`` is the database clock
+(:meth:`Sweeps.read_now`), the same clock the heartbeats were written with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select, update
+
+from gathering_tasks.db.ledger import FINAL, Dispatch, close_attempt, dispatch_for
+from gathering_tasks.db.models import Execution
+from gathering_tasks.db.sql import Sql
+from gathering_tasks.keys import MAX_REPUBLISH_DOUBLINGS
+
+
+@dataclass(frozen=True)
+class StaleRecord:
+    """A ``running`` record whose heartbeat stopped: its worker is presumed gone."""
+
+    record_id: int
+    attempt: int
+    started_at: datetime
+    timeout_s: int | None
+    retry_max_attempts: int
+
+
+class Sweeps(Sql):
+    """Recovery and retention over the whole ledger."""
+
+    def stale_queued(self, now: datetime, *, grace_s: float, limit: int) -> list[Dispatch]:
+        """Records queued but never started past ``grace_s`` (a publish lost after commit).
+
+        A record is re-published after ``grace_s``, then after 2, 4, 8 ... times that
+        (capped): a lost message is replaced quickly, while a backlog that workers are
+        merely slow to drain is not flooded with copies every sweep.
+        """
+        e = Execution
+        cutoff = now - timedelta(seconds=grace_s)
+        stale = and_(
+            e.updated_at < cutoff,
+            or_(e.republish_at.is_(None), e.republish_at < now),
+            or_(e.status == "pending", and_(e.status == "retrying", e.retry_at < cutoff)),
+        )
+        # The common case is "nothing stale": answer it with a plain read, and take the
+        # write lock (BEGIN IMMEDIATE on SQLite) only when there is work.
+        with self.factory() as session:
+            if session.execute(select(e.id).where(stale).limit(1)).first() is None:
+                return []
+        stmt = (
+            select(e.id, e.kind, e.definition, e.publish_count)
+            .where(stale)
+            .order_by(e.id)
+            .limit(limit)
+        )
+        with self.write_tx() as session:
+            rows = session.execute(self.skip_locked(stmt, e)).all()
+            if rows:
+                session.execute(
+                    update(e),
+                    [_republished(row.id, row.publish_count, now, grace_s) for row in rows],
+                )
+            return [dispatch_for(row.id, row.kind, row.definition) for row in rows]
+
+    def stale_running(
+        self, now: datetime, *, heartbeat_timeout_s: float, limit: int
+    ) -> list[StaleRecord]:
+        """Records ``running`` whose heartbeat is older than ``heartbeat_timeout_s``."""
+        e = Execution
+        cutoff = now - timedelta(seconds=heartbeat_timeout_s)
+        stmt = (
+            select(e.id, e.attempt, e.started_at, e.definition)
+            .where(e.status == "running", e.heartbeat_at < cutoff)
+            .order_by(e.id)
+            .limit(limit)
+        )
+        with self.factory() as session:
+            return [
+                StaleRecord(
+                    record_id=row.id,
+                    attempt=row.attempt,
+                    started_at=row.started_at or now,
+                    timeout_s=row.definition.get("timeout_s"),
+                    retry_max_attempts=int(row.definition.get("retry_max_attempts", 1)),
+                )
+                for row in session.execute(stmt).all()
+            ]
+
+    def requeue_lost(
+        self, record_id: int, attempt: int, *, error: str, stale_before: datetime
+    ) -> Dispatch | None:
+        """Put a lost attempt back to ``pending`` for another delivery; its dispatch.
+
+        Fenced by attempt and by the heartbeat still being older than ``stale_before``.
+        """
+        e = Execution
+        with self.write_tx() as session:
+            if not close_attempt(
+                self,
+                session,
+                record_id,
+                attempt,
+                status="pending",
+                error=error,
+                values={},
+                stale_before=stale_before,
+            ):
+                return None
+            row = session.execute(select(e.kind, e.definition).where(e.id == record_id)).one()
+            return dispatch_for(record_id, row.kind, row.definition)
+
+    def end_lost(
+        self, record_id: int, attempt: int, *, status: str, error: str, stale_before: datetime
+    ) -> bool:
+        """Close a lost attempt for good (``failed`` or ``timed_out``), fenced like requeue."""
+        with self.write_tx() as session:
+            return close_attempt(
+                self,
+                session,
+                record_id,
+                attempt,
+                status=status,
+                error=error,
+                values={"finished_at": self.now()},
+                stale_before=stale_before,
+            )
+
+    def prune(self, finished_before: datetime, *, limit: int) -> int:
+        """Delete up to ``limit`` finished records that ended before ``finished_before``."""
+        e = Execution
+        doomed = (
+            select(e.id)
+            .where(e.status.in_(FINAL), e.finished_at < finished_before)
+            .order_by(e.id)
+            .limit(limit)
+            .scalar_subquery()
+        )
+        with self.write_tx() as session:
+            result = session.execute(delete(e).where(e.id.in_(doomed)))
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _republished(record_id: int, count: int, now: datetime, grace_s: float) -> dict[str, Any]:
+    backoff_s = grace_s * 2 ** min(count + 1, MAX_REPUBLISH_DOUBLINGS)
+    return {
+        "id": record_id,
+        "updated_at": now,
+        "publish_count": count + 1,
+        "republish_at": now + timedelta(seconds=backoff_s),
+    }

@@ -1,0 +1,340 @@
+"""The execution guard: a record executes once at a time, and its record tells the truth.
+
+For each delivery of a record's message a worker:
+
+1. takes the record's Redis lease (token-checked);
+2. moves the record ``pending|retrying -> running`` if it is of the delivery's kind
+   (a conditional UPDATE); a delivery whose kind does not match is dropped untouched;
+3. executes, while two independent keepers run beside the work:
+   * the **lease keeper** renews the Redis lease. It never waits on the database, so a
+     stalled database cannot make a live run's lease lapse. A lease found lost is never
+     re-taken (another worker may be inside the work by now);
+   * the **heartbeat** stamps ``heartbeat_at`` with the database clock. If the database
+     answers that the attempt no longer owns the record (the sweeper gave it away), or that
+     the record was cancelled, the work is aborted;
+4. writes the outcome fenced by the attempt; a failed write is retried (bounded, with
+   backoff) while both keepers go on, so the sweeper never hands a finished run to another
+   worker just because the database was restarting;
+5. releases the lease, and only then publishes a retry, so its message finds the lease free.
+
+The sweeper takes a record from its worker only when the heartbeat is stale AND the lease is
+gone: a worker cut off from the database keeps its record as long as it is alive.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Protocol
+
+from sqlalchemy.exc import SQLAlchemyError
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from gathering_tasks.db.ledger import Dispatch, LedgerPort, Record, StartRefused
+from gathering_tasks.errors import ExecutionAborted, PermanentFailure, TaskTimedOut
+from gathering_tasks.keys import OUTCOME_RETRY_MAX_WAIT_S
+from gathering_tasks.policy import bounded_result, describe_error, retry_delay_s
+
+log = logging.getLogger(__name__)
+
+Executor = Callable[[Record, threading.Event], Mapping[str, Any] | None]
+Outcome = Literal[
+    "succeeded", "failed", "timed_out", "retrying", "cancelled", "superseded", "dropped"
+]
+AbortReason = Literal["cancelled", "superseded"]
+
+
+class LeaseLike(Protocol):
+    def acquire(self) -> bool: ...
+
+    def renew(self) -> Literal["held", "lost", "unknown"]: ...
+
+    def release(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    lease_ttl_s: float
+    heartbeat_interval_s: float
+    max_result_bytes: int
+    outcome_retry_s: float = 300.0
+    retry_jitter: float = 0.0
+
+
+class _Interrupter:
+    """Raises :class:`ExecutionAborted` in the thread executing the work, while it is armed.
+
+    Cooperative executors watch the abort event; this reaches the rest at their next Python
+    instruction (a blocking call returns first, within its own timeout).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread_id: int | None = None
+
+    @contextmanager
+    def armed(self) -> Iterator[None]:
+        with self._lock:
+            self._thread_id = threading.get_ident()
+        try:
+            yield
+        finally:
+            with self._lock:
+                thread_id, self._thread_id = self._thread_id, None
+                # Clear an abort that was raised too late to land inside the work.
+                if thread_id is not None:
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
+
+    def fire(self) -> None:
+        with self._lock:
+            if self._thread_id is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(self._thread_id), ctypes.py_object(ExecutionAborted)
+                )
+
+
+class _Abort:
+    """Why the work must stop, set once by a keeper."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reason: AbortReason | None = None
+        self.interrupter = _Interrupter()
+        self._lock = threading.Lock()
+
+    def trigger(self, reason: AbortReason) -> None:
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = reason
+            self.event.set()
+        self.interrupter.fire()
+
+
+class _Keepers:
+    """The lease keeper and the heartbeat, each in its own thread, until the block exits."""
+
+    def __init__(
+        self, ledger: LedgerPort, lease: LeaseLike, record: Record, config: GuardConfig
+    ) -> None:
+        self._ledger, self._lease, self._record = ledger, lease, record
+        self._interval_s = config.heartbeat_interval_s
+        self._stop = threading.Event()
+        self.abort = _Abort()
+        self.lease_lost = False
+        self._threads = [
+            threading.Thread(target=self._keep_lease, name=f"lease-{record.id}", daemon=True),
+            threading.Thread(target=self._heartbeat, name=f"heartbeat-{record.id}", daemon=True),
+        ]
+
+    def __enter__(self) -> _Keepers:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(
+        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            # A heartbeat stuck in a stalled database call is a daemon and ends with it.
+            thread.join(timeout=self._interval_s + 1)
+
+    @property
+    def _extra(self) -> dict[str, Any]:
+        return {"run_id": self._record.id, "attempt": self._record.attempt}
+
+    def _keep_lease(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            if self._lease.renew() == "lost":
+                self.lease_lost = True
+                # The record still fences this attempt; a lost lease is never re-taken.
+                log.warning("run lease lost; the heartbeat alone guards it now", extra=self._extra)
+                return
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                pulse = self._ledger.heartbeat(self._record.id, self._record.attempt)
+            except Exception as exc:
+                log.warning("heartbeat write failed: %s", describe_error(exc), extra=self._extra)
+                continue
+            if not pulse.owned:
+                log.warning("run was taken over by another attempt; aborting", extra=self._extra)
+                self.abort.trigger("superseded")
+                return
+            if pulse.cancel_requested:
+                log.warning("run cancellation requested; aborting", extra=self._extra)
+                self.abort.trigger("cancelled")
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    status: Outcome
+    result: Mapping[str, Any] | None = None
+    error: str | None = None
+    retry_delay_s: float | None = None
+
+
+class ExecutionGuard:
+    """Executes a ledger record under the lease + record guard, and records the outcome."""
+
+    def __init__(
+        self,
+        ledger: LedgerPort,
+        lease_for: Callable[[int], LeaseLike],
+        config: GuardConfig,
+        *,
+        publish_retry: Callable[[Dispatch, float], None],
+    ) -> None:
+        self._ledger = ledger
+        self._lease_for = lease_for
+        self._config = config
+        self._publish_retry = publish_retry
+
+    def execute(
+        self, record_id: int, kind: str, executor: Executor, *, worker: str, task_id: str | None
+    ) -> Outcome:
+        """Execute ``record_id`` once. ``dropped``: another delivery has it, it is done, or
+        the delivery's ``kind`` is not the record's."""
+        extra = {"run_id": record_id, "kind": kind}
+        lease = self._lease_for(record_id)
+        if not lease.acquire():
+            log.info("run is leased by another worker; dropping this delivery", extra=extra)
+            return "dropped"
+        verdict: _Verdict | None = None
+        record: Record | None = None
+        try:
+            started = self._ledger.start(record_id, kind=kind, worker=worker, task_id=task_id)
+            if isinstance(started, StartRefused):
+                _log_refusal(started, kind, extra)
+                return "dropped"
+            record = started
+            with _Keepers(self._ledger, lease, record, self._config) as keepers:
+                verdict = self._run(record, executor, keepers.abort)
+                verdict = self._record_outcome(record, verdict)
+        finally:
+            lease.release()
+        if verdict.retry_delay_s is not None and record is not None:
+            self._publish_retry_of(record, verdict.retry_delay_s)
+        return verdict.status
+
+    def _run(self, record: Record, executor: Executor, abort: _Abort) -> _Verdict:
+        log.info("run %s started", record.name, extra=_extra(record))
+        try:
+            with abort.interrupter.armed():
+                result = executor(record, abort.event)
+        except ExecutionAborted as exc:
+            return _Verdict(abort.reason or "cancelled", error=describe_error(exc))
+        except TaskTimedOut as exc:
+            return _Verdict("timed_out", error=describe_error(exc))
+        except PermanentFailure as exc:
+            return _Verdict("failed", result=_failure_data(exc), error=describe_error(exc))
+        except Exception as exc:
+            return self._retry_or_fail(record, exc)
+        if abort.reason is not None:
+            # Finished, but the record was cancelled or taken over meanwhile: say so.
+            return _Verdict(abort.reason, result=result, error=f"run {abort.reason} while working")
+        return _Verdict("succeeded", result=result)
+
+    def _retry_or_fail(self, record: Record, exc: Exception) -> _Verdict:
+        error = describe_error(exc)
+        policy = record.retry
+        if record.attempt >= policy.max_attempts:
+            log.warning(
+                "run %s failed after %d attempts: %s",
+                record.name,
+                record.attempt,
+                error,
+                extra=_extra(record),
+            )
+            return _Verdict("failed", result=_failure_data(exc), error=error)
+        delay_s = retry_delay_s(
+            record.attempt,
+            policy.backoff_s,
+            policy.backoff_max_s,
+            jitter=self._config.retry_jitter,
+        )
+        return _Verdict("retrying", error=error, retry_delay_s=delay_s)
+
+    def _record_outcome(self, record: Record, verdict: _Verdict) -> _Verdict:
+        """Write the outcome, retrying while the database is unreachable."""
+        if verdict.status == "superseded":
+            log.warning("run %s outcome dropped: taken over", record.name, extra=_extra(record))
+            return verdict
+        retrying = Retrying(
+            stop=stop_after_delay(self._config.outcome_retry_s),
+            wait=wait_exponential(multiplier=0.1, max=OUTCOME_RETRY_MAX_WAIT_S),
+            retry=retry_if_exception_type(SQLAlchemyError),
+            reraise=True,
+            before_sleep=lambda state: log.warning(
+                "outcome write failed (try %d), retrying",
+                state.attempt_number,
+                extra=_extra(record),
+            ),
+        )
+        written = retrying(self._write, record, verdict)
+        if written:
+            log.info("run %s %s", record.name, verdict.status, extra=_extra(record))
+            return verdict
+        log.warning("run %s outcome dropped: taken over", record.name, extra=_extra(record))
+        return _Verdict("superseded")
+
+    def _write(self, record: Record, verdict: _Verdict) -> bool:
+        if verdict.status == "retrying":
+            return self._ledger.schedule_retry(
+                record.id,
+                record.attempt,
+                delay_s=verdict.retry_delay_s or 0.0,
+                error=verdict.error or "",
+            )
+        stored = bounded_result(verdict.result, self._config.max_result_bytes)
+        return self._ledger.finish(
+            record.id, record.attempt, status=verdict.status, result=stored, error=verdict.error
+        )
+
+    def _publish_retry_of(self, record: Record, delay_s: float) -> None:
+        dispatch = self._ledger.dispatch_of(record.id)
+        if dispatch is None:
+            return
+        try:
+            self._publish_retry(dispatch, delay_s)
+        except Exception as exc:
+            # The record is ``retrying`` with its time: the sweeper re-publishes it.
+            log.warning("retry publish failed: %s", describe_error(exc), extra=_extra(record))
+
+
+def _extra(record: Record) -> dict[str, Any]:
+    return {
+        "run_id": record.id,
+        "action_id": record.action_id,
+        "action": record.name,
+        "attempt": record.attempt,
+    }
+
+
+def _log_refusal(refused: StartRefused, kind: str, extra: dict[str, Any]) -> None:
+    if refused.reason == "kind_mismatch":
+        log.warning(
+            "delivery for %s carries a %s run; dropped without touching it",
+            kind,
+            refused.kind,
+            extra=extra,
+        )
+    elif refused.reason == "missing":
+        log.warning("no such run; dropping this delivery", extra=extra)
+    else:
+        log.info("run is %s; dropping this delivery", refused.status, extra=extra)
+
+
+def _failure_data(exc: BaseException) -> dict[str, Any] | None:
+    data = getattr(exc, "record", None)
+    if callable(data):
+        value = data()
+        return dict(value) if isinstance(value, Mapping) else None
+    return None

@@ -1,0 +1,93 @@
+"""Recovery and retention over the whole ledger, run by the beat leader.
+
+* Records queued past the grace (their message was lost) are re-published, with backoff.
+* Records ``running`` whose heartbeat is stale AND whose Redis lease is gone (their worker
+  died) go back to ``pending`` within their retry policy, or end ``failed``/``timed_out``.
+  A stale heartbeat with a live lease is a worker cut off from the database: left alone.
+* Finished records older than the retention are pruned in bounded batches.
+
+Every write is fenced (attempt, and the heartbeat still stale), so a worker that was only
+slow keeps its record. Times come from the database clock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from gathering_tasks.db.ledger import Dispatch
+from gathering_tasks.db.sweeps import StaleRecord, Sweeps
+from gathering_tasks.keys import SWEEP_LIMIT
+from gathering_tasks.policy import lost_record_decision
+from gathering_tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Sweeper:
+    """One sweep: what to re-publish, which dead workers' records to recover, what to prune."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sweeps: Sweeps,
+        *,
+        lease_alive: Callable[[int], bool],
+        publish: Callable[[list[Dispatch]], int],
+    ) -> None:
+        self.settings = settings
+        self.sweeps = sweeps
+        self.lease_alive = lease_alive
+        self.publish = publish
+
+    def sweep(self, now: datetime | None = None) -> int:
+        """Sweep once (``now``: the database clock unless given). Returns messages sent."""
+        now = now or self.sweeps.read_now()
+        settings = self.settings
+        dispatches = self.sweeps.stale_queued(
+            now, grace_s=settings.pending_grace_s, limit=SWEEP_LIMIT
+        )
+        stale_before = now - timedelta(seconds=settings.run_lease_ttl_s)
+        for stale in self.sweeps.stale_running(
+            now, heartbeat_timeout_s=settings.run_lease_ttl_s, limit=SWEEP_LIMIT
+        ):
+            if self.lease_alive(stale.record_id):
+                continue  # its worker still renews the lease: cut off from the database
+            recovered = self._recover(stale, now, stale_before)
+            dispatches += [recovered] if recovered else []
+        self.prune(now)
+        if not dispatches:
+            return 0
+        log.warning("sweeper re-publishing %d run(s)", len(dispatches))
+        return self.publish(dispatches)
+
+    def prune(self, now: datetime) -> int:
+        if not self.settings.retention_days:
+            return 0
+        before = now - timedelta(days=self.settings.retention_days)
+        pruned = self.sweeps.prune(before, limit=self.settings.retention_batch)
+        if pruned:
+            log.info("pruned %d finished run(s) older than %s", pruned, before.isoformat())
+        return pruned
+
+    def _recover(
+        self, stale: StaleRecord, now: datetime, stale_before: datetime
+    ) -> Dispatch | None:
+        decision = lost_record_decision(
+            stale, now, default_time_limit_s=self.settings.task_time_limit_s
+        )
+        extra = {"run_id": stale.record_id, "attempt": stale.attempt, "decision": decision}
+        log.warning("recovering a run whose worker is gone", extra=extra)
+        if decision == "requeue":
+            return self.sweeps.requeue_lost(
+                stale.record_id,
+                stale.attempt,
+                error="worker lost during the run",
+                stale_before=stale_before,
+            )
+        error = "run exceeded its time limit" if decision == "timed_out" else "worker lost"
+        self.sweeps.end_lost(
+            stale.record_id, stale.attempt, status=decision, error=error, stale_before=stale_before
+        )
+        return None
