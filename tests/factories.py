@@ -1,12 +1,19 @@
-"""Small builders shared by tests: actions and claimed runs."""
+"""Small builders shared by tests: actions, claimed records, guards."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
+import redis
+
+from gathering_tasks import keys
 from gathering_tasks.api import ActionService
 from gathering_tasks.beat import SlotPlanner
+from gathering_tasks.db.ledger import Dispatch
 from gathering_tasks.db.repo import Repository
+from gathering_tasks.guard import ExecutionGuard, GuardConfig
+from gathering_tasks.locks import Lease
 from gathering_tasks.settings import Settings
 
 
@@ -27,7 +34,41 @@ def once_action(
 
 
 def claimed_run(repo: Repository, settings: Settings, now: datetime, **extra: object) -> int:
-    """A pending run, claimed by beat at ``now`` for a new one-shot action. Its run id."""
+    """A pending record, claimed by beat at ``now`` for a new one-shot action. Its id."""
     once_action(repo, settings, now, **extra)
-    (claim,) = repo.claim_due(now, limit=1, plan=SlotPlanner(now))
-    return claim.run_id
+    batch = repo.claims.claim_due(now, limit=1, slot_budget=100, plan=SlotPlanner(now))
+    (dispatch,) = batch.dispatches
+    return dispatch.record_id
+
+
+def make_guard(
+    repo: Repository,
+    settings: Settings,
+    published: list[tuple[Dispatch, float]] | None = None,
+    *,
+    on_publish: Callable[[Dispatch, float], None] | None = None,
+    heartbeat_interval_s: float = 0.2,
+    outcome_retry_s: float = 60.0,
+) -> ExecutionGuard:
+    """A guard over ``repo`` with real Redis leases (prefix ``gathering``)."""
+    client = redis.Redis.from_url(settings.redis_url)
+    sink = published if published is not None else []
+
+    def publish(dispatch: Dispatch, delay_s: float) -> None:
+        if on_publish is not None:
+            on_publish(dispatch, delay_s)
+        sink.append((dispatch, delay_s))
+
+    return ExecutionGuard(
+        repo.ledger,
+        lambda record_id: Lease(
+            client, keys.run_lock(settings.key_prefix, record_id), settings.run_lease_ttl_s
+        ),
+        GuardConfig(
+            lease_ttl_s=settings.run_lease_ttl_s,
+            heartbeat_interval_s=heartbeat_interval_s,
+            max_result_bytes=settings.max_result_bytes,
+            outcome_retry_s=outcome_retry_s,
+        ),
+        publish_retry=publish,
+    )
