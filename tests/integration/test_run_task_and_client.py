@@ -12,27 +12,30 @@ import redis
 
 from gathering_tasks.app import app
 from gathering_tasks.client import GatheringClient
-from gathering_tasks.db.repo import RunContext
+import threading
+
+from gathering_tasks.db.ledger import Record
 from gathering_tasks.errors import PermanentFailure
 from gathering_tasks.settings import get_settings
-from gathering_tasks.tasks.actions import execute_run_task, task_allowed
+from gathering_tasks.work import execute_run_task as _execute_run_task
+from gathering_tasks.work import task_allowed
 
 
-def context(config: dict[str, object]) -> RunContext:
-    return RunContext(
-        run_id=7,
+def context(config: dict[str, object]) -> Record:
+    return Record(
+        id=7,
+        kind="run_task",
         attempt=1,
-        action_id=1,
-        action_name="a",
-        action_type="run_task",
-        config=config,
-        scheduled_for=datetime(2026, 1, 1, tzinfo=UTC),
+        definition={"name": "a", "config": config, "retry_max_attempts": 1},
+        idempotency_key="gathering-slot-1-0",
         trigger="schedule",
-        retry_max_attempts=1,
-        retry_backoff_s=0,
-        retry_backoff_max_s=0,
-        timeout_s=None,
+        action_id=1,
+        scheduled_for=datetime(2026, 1, 1, tzinfo=UTC),
     )
+
+
+def execute_run_task(record: Record) -> object:
+    return _execute_run_task(record, threading.Event())
 
 
 @pytest.fixture
