@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Make sure redis-server and PostgreSQL's server binaries are installed. Installs them from
-# the system's packages when it can (root or sudo with apt-get); otherwise says what to do.
+# Make sure redis-server, PostgreSQL's server binaries and faketime (the clock of the DST
+# acceptance test) are installed. Installs them from the system's packages when it can (root or
+# sudo with apt-get); otherwise says what to do. --redis-only skips PostgreSQL and faketime,
+# which only the tests need.
 set -euo pipefail
 
 need=()
@@ -9,7 +11,8 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
   need+=(postgresql)
 fi
-[ "${1:-}" = "--redis-only" ] && need=("${need[@]/postgresql}")
+command -v faketime >/dev/null 2>&1 || need+=(faketime)
+[ "${1:-}" = "--redis-only" ] && need=("${need[@]/postgresql}") && need=("${need[@]/faketime}")
 need=($(printf '%s\n' "${need[@]}" | grep -v '^$' || true))
 [ ${#need[@]} -eq 0 ] && exit 0
 
