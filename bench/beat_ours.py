@@ -27,7 +27,7 @@ from bench.measure import QUEUE, TickStats, emit, peak_rss_mb, ru_maxrss_mb, tim
 from gathering_tasks.app import celery_config
 from gathering_tasks.beat import DatabaseScheduler, SlotPlanner
 from gathering_tasks.db.engine import session_factory
-from gathering_tasks.db.repo import Claim, DueAction, Planner, Repository, SlotPlan
+from gathering_tasks.db.claims import ClaimBatch, DueAction, Planner, SlotClaims, SlotPlan
 from gathering_tasks.settings import Settings, get_settings
 
 DUE_QUERY_MARK = "FOR UPDATE OF scheduled_actions SKIP LOCKED"
@@ -49,15 +49,17 @@ class TimedPlanner(SlotPlanner):
             self.spent_s += time.perf_counter() - started
 
 
-class TimedRepository(Repository):
-    """The real repository, accumulating the time spent in ``claim_due`` (SQL + planning)."""
+class TimedClaims(SlotClaims):
+    """The real claims store, accumulating the time spent in ``claim_due`` (SQL + planning)."""
 
     spent_s = 0.0
 
-    def claim_due(self, now: datetime, *, limit: int, plan: Planner) -> list[Claim]:
+    def claim_due(
+        self, now: datetime, *, limit: int, slot_budget: int, plan: Planner
+    ) -> ClaimBatch:
         started = time.perf_counter()
         try:
-            return super().claim_due(now, limit=limit, plan=plan)
+            return super().claim_due(now, limit=limit, slot_budget=slot_budget, plan=plan)
         finally:
             self.spent_s += time.perf_counter() - started
 
@@ -128,7 +130,7 @@ def make_due(engine: Engine, client: redis.Redis, *, n: int, due: int, slot: dat
     of that many ids are picked: the due set has the table's mix of schedules.
     """
     with engine.begin() as conn:
-        conn.execute(text("DELETE FROM scheduled_action_runs"))
+        conn.execute(text("DELETE FROM executions"))
         conn.execute(
             text(
                 "UPDATE scheduled_actions SET next_run_at = :slot WHERE id IN ("
@@ -147,8 +149,8 @@ def dispatch_once(
     now = datetime.now(UTC)
     make_due(engine, client, n=n, due=due, slot=slot_at_or_before(now))
     beat = scheduler.engine
-    repo = TimedRepository(session_factory(get_settings().database_url))
-    beat.repo = repo
+    claims = TimedClaims(session_factory(get_settings().database_url))
+    beat.repo.claims = claims
     # A fresh planner: a burst of actions it has never parsed is the expensive case.
     beat.planner = planner = TimedPlanner(now)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -159,7 +161,7 @@ def dispatch_once(
     return DispatchSample(
         total_s=total_s,
         cpu_s=cpu_s,
-        claim_s=repo.spent_s,
+        claim_s=claims.spent_s,
         plan_s=planner.spent_s,
         published=published,
         queued=client.llen(QUEUE),

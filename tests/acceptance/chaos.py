@@ -40,15 +40,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gathering_tasks.api import ActionService
 from gathering_tasks.db.engine import session_factory
+from gathering_tasks.db.ledger import FINAL, UNFINISHED
 from gathering_tasks.db.migrate import upgrade
 from gathering_tasks.db.models import ScheduledAction, ScheduledActionRun
-from gathering_tasks.db.repo import FINAL, UNFINISHED, Repository
+from gathering_tasks.db.repo import Repository
 from gathering_tasks.settings import Settings
 from tests.acceptance.procs import CeleryProcess, Stack, running_stack, stack_env
 from tests.servers import RedisServer, free_port, running_postgres, wait_for
 
 Out = Callable[[str], None]
-KEY_PREFIX = "gathering-run-"
 LEADER_LINES = ("beat is now the leader", "beat lost the leader lease")
 
 
@@ -177,12 +177,6 @@ class Sink:
         self._thread.join(10)
 
 
-def run_id_of(key: str | None) -> int | None:
-    if key and key.startswith(KEY_PREFIX) and key[len(KEY_PREFIX) :].isdigit():
-        return int(key[len(KEY_PREFIX) :])
-    return None
-
-
 # -- reading the database -----------------------------------------------------------------------
 
 
@@ -194,6 +188,7 @@ class RunRow:
     status: str
     attempt: int
     trigger: str
+    idempotency_key: str
 
 
 class Probe:
@@ -208,9 +203,18 @@ class Probe:
 
     def runs(self) -> list[RunRow]:
         r = ScheduledActionRun
-        stmt = select(r.id, r.action_id, r.scheduled_for, r.status, r.attempt, r.trigger)
+        stmt = select(
+            r.id, r.action_id, r.scheduled_for, r.status, r.attempt, r.trigger, r.idempotency_key
+        )
         with self._factory() as session:
             return [RunRow(*row) for row in session.execute(stmt).all()]
+
+    def ids_of_keys(self, keys: set[str]) -> set[int]:
+        """The runs whose idempotency key is one of ``keys`` (what the sink saw)."""
+        r = ScheduledActionRun
+        return (
+            set(self._scalars(select(r.id).where(r.idempotency_key.in_(keys)))) if keys else set()
+        )
 
     def running_on(self, worker: CeleryProcess) -> set[int]:
         r = ScheduledActionRun
@@ -470,7 +474,7 @@ class Chaos:
 
     def _worker_in_a_call(self) -> CeleryProcess | None:
         keys = self.sink.in_flight(max_age_s=self.sink.hold_s / 2)
-        ids = {run_id for key in keys if (run_id := run_id_of(key))}
+        ids = self.probe.ids_of_keys({key for key in keys if key})
         busy = set(self.probe.workers_of(ids).values()) if ids else set()
         for proc in self.cluster.live_workers():
             if any(name.startswith(f"{proc.name}@") for name in busy):
@@ -615,21 +619,21 @@ def _check_deliveries(
     slots: int,
 ) -> list[str]:
     problems = []
-    run_by_id = {run.id: run for run in runs}
+    run_by_key = {run.idempotency_key: run for run in runs}
     names = {a.id: a.name for a in planned}
     counts = Counter(d.key for d in deliveries)
     for delivery in deliveries:
-        run = run_by_id.get(run_id_of(delivery.key) or -1)
+        run = run_by_key.get(delivery.key or "")
         if run is None:
             problems.append(f"a delivery carries an unknown key {delivery.key!r}")
         elif not delivery.path.endswith(f"/{names[run.action_id]}"):
             problems.append(f"run {run.id} was delivered to {delivery.path}")
-    undelivered = [r.id for r in runs if f"{KEY_PREFIX}{r.id}" not in counts]
+    undelivered = [r.id for r in runs if r.idempotency_key not in counts]
     if undelivered:
         problems.append(f"the sink never received runs {undelivered[:10]}")
     if len(counts) != slots:
         problems.append(f"distinct keys {len(counts)} != slots {slots}")
-    repeated = {run_id_of(key) for key, n in counts.items() if n > 1}
+    repeated = {run_by_key[key].id for key, n in counts.items() if n > 1 and key in run_by_key}
     unexplained = repeated - log.interrupted
     if unexplained:
         problems.append(f"runs delivered twice without a kill mid-call: {sorted(unexplained)}")

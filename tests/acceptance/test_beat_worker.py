@@ -36,7 +36,7 @@ def recorder(name: str, key: str, anchor: datetime, every_s: float = 1) -> dict[
 
 
 def runs_by_status(repo: Repository) -> dict[str, int]:
-    return repo.count_runs()
+    return repo.ledger.count_runs()
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -72,7 +72,7 @@ def test_two_beats_twenty_actions_every_second_one_run_per_slot(
             "every run to finish",
         )
         # Then every slot in the window has exactly one run, each executed exactly once
-        with repo._factory() as session:
+        with repo.factory() as session:
             r = ScheduledActionRun
             rows = session.execute(
                 select(r.action_id, r.scheduled_for, r.attempt, r.started_at, r.status)
@@ -116,7 +116,7 @@ def test_pause_stops_and_new_action_starts_within_two_seconds(
         svc.pause("first")
         paused_at = datetime.now(UTC)
         wait_for(lambda: not set(runs_by_status(repo)) - {"succeeded"}, 10, "in-flight runs")
-        with repo._factory() as session:
+        with repo.factory() as session:
             r = ScheduledActionRun
             last_slot = session.execute(select(r.scheduled_for).order_by(r.id.desc())).scalar()
         assert last_slot is not None and last_slot <= paused_at + timedelta(seconds=2)
@@ -125,7 +125,7 @@ def test_pause_stops_and_new_action_starts_within_two_seconds(
         first_slot = created_at + timedelta(seconds=1)
         svc.create(recorder("second", "second", first_slot, every_s=60))
         wait_for(lambda: client.llen("second") >= 1, 30, "the new action to fire")
-        with repo._factory() as session:
+        with repo.factory() as session:
             started = session.execute(
                 select(ScheduledActionRun.started_at).order_by(ScheduledActionRun.id.desc())
             ).scalar()

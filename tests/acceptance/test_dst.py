@@ -108,7 +108,7 @@ def slots_until(schedule: Schedule, after: datetime, last: datetime) -> list[dat
 
 
 def runs_of(repo: Repository) -> list[ScheduledActionRun]:
-    with repo._factory() as session:
+    with repo.factory() as session:
         return list(session.scalars(select(ScheduledActionRun).order_by(ScheduledActionRun.id)))
 
 
@@ -117,7 +117,7 @@ def all_done(repo: Repository, client: redis.Redis, worker: CeleryProcess, expec
     # The worker's own report too: stopped before it acks the last task, it logs a lost worker.
     return (
         marks >= expected
-        and repo.count_runs() == {"succeeded": expected}
+        and repo.ledger.count_runs() == {"succeeded": expected}
         and worker.log_text().count("] succeeded in ") >= expected
     )
 

@@ -47,7 +47,7 @@ def test_honcho_runs_worker_beat_and_flower(
             "Flower to answer",
         )
         wait_for(
-            lambda: repo.list_runs(action="demo-hello-every-5s", status="succeeded"),
+            lambda: repo.ledger.list_runs(action="demo-hello-every-5s", status="succeeded"),
             60,
             "the demo action to run",
         )

@@ -44,7 +44,7 @@ def once_soon(name: str, action_type: str, config: dict[str, Any], **extra: Any)
 
 def final_run(repo: Repository, action: str) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
-        runs = repo.list_runs(action=action)
+        runs = repo.ledger.list_runs(action=action)
         if runs and runs[0]["status"] not in ("pending", "running", "retrying"):
             return runs[0]
         return None
@@ -126,7 +126,7 @@ def test_http_and_notification_actions_record_their_outcome(
     # And the webhook carried a signature a receiver can verify, and the run's key
     (request,) = received
     msg_id = request.headers["webhook-id"]
-    assert msg_id == f"gathering-run-{notify['id']}"
+    assert msg_id == notify["idempotency_key"]
     signed = f"{msg_id}.{request.headers['webhook-timestamp']}.{request.get_data(as_text=True)}"
     expected = base64.b64encode(hmac.new(SECRET.encode(), signed.encode(), hashlib.sha256).digest())
     assert f"v1,{expected.decode()}" in request.headers["webhook-signature"].split(" ")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
-
-import threading
 
 import pytest
 

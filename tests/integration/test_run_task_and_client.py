@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -12,8 +13,6 @@ import redis
 
 from gathering_tasks.app import app
 from gathering_tasks.client import GatheringClient
-import threading
-
 from gathering_tasks.db.ledger import Record
 from gathering_tasks.errors import PermanentFailure
 from gathering_tasks.settings import get_settings

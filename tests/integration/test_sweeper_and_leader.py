@@ -9,8 +9,8 @@ import redis
 from celery import Celery
 
 from gathering_tasks import keys
-from gathering_tasks.beat import BeatEngine
 from gathering_tasks.api import ActionService
+from gathering_tasks.beat import BeatEngine
 from gathering_tasks.db.ledger import Record
 from gathering_tasks.db.repo import Repository
 from gathering_tasks.locks import Lease
