@@ -70,11 +70,27 @@ class CeleryProcess:
             self.proc.wait(30)
             self.proc = None
 
+    def freeze(self) -> None:
+        """SIGSTOP the whole process group (a prefork pool child does the work): a process
+        that is alive but runs nothing, like one stuck in swap or a paused VM."""
+        self._signal_group(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT the whole process group: a frozen process wakes where it stopped."""
+        self._signal_group(signal.SIGCONT)
+
+    def _signal_group(self, signum: signal.Signals) -> None:
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} is not running")
+        os.killpg(self.proc.pid, signum)
+
     def stop(self, timeout_s: float = 15) -> None:
         if self.proc is None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
+            # A frozen group would hold the SIGTERM until the deadline: let it act on it.
+            os.killpg(self.proc.pid, signal.SIGCONT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout_s)
         self.kill()
@@ -90,8 +106,17 @@ class Stack:
         self.env, self.workdir = env, workdir
         self.procs: list[CeleryProcess] = []
 
-    def worker(self, name: str, concurrency: int = 2) -> CeleryProcess:
-        proc = CeleryProcess("worker", name, self.env, self.workdir, f"--concurrency={concurrency}")
+    def worker(
+        self,
+        name: str,
+        concurrency: int = 2,
+        *args: str,
+        env: dict[str, str] | None = None,
+    ) -> CeleryProcess:
+        """Start a worker; ``args`` go to ``celery worker``, ``env`` replaces the stack's."""
+        proc = CeleryProcess(
+            "worker", name, env or self.env, self.workdir, f"--concurrency={concurrency}", *args
+        )
         self.procs.append(proc.start())
         return proc
 
