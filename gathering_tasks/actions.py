@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gathering_tasks.errors import InvalidInput
-from gathering_tasks.schedules import Schedule, parse_schedule
+from gathering_tasks.schedules import MAX_CATCHUP_SLOTS, Schedule, parse_schedule
 from gathering_tasks.skills.http_spec import parse_call_api_config
 from gathering_tasks.skills.notification_config import parse_notification_config
 
@@ -61,7 +61,8 @@ class ActionSpec(_Strict):
     max_runs: int | None = Field(default=None, ge=1)
     catchup_mode: Literal["skip", "latest", "all"] = "latest"
     catchup_grace_s: float = Field(default=3600.0, ge=0)
-    catchup_max: int = Field(default=100, ge=1, le=10_000)
+    # Bounded by what the planner plans per call, or the excess would vanish silently.
+    catchup_max: int = Field(default=100, ge=1, le=MAX_CATCHUP_SLOTS)
     overlap_policy: Literal["skip", "allow"] = "skip"
     retry_max_attempts: int = Field(default=3, ge=1, le=20)
     retry_backoff_s: float = Field(default=5.0, ge=0)
