@@ -2,20 +2,33 @@
 
 Nothing reaches the database until :func:`validate_action` has accepted it; every refusal is
 an :class:`~gathering_tasks.errors.InvalidInput` naming the offending field.
+
+Both backends must give the same answer for the same input, so what one of them cannot store
+is refused here for all of them, with the path of the value (``config.headers.X-Token``,
+``config.args.1``, ``description``):
+
+* NUL characters (``\\x00``) in any text, keys included: PostgreSQL text and ``jsonb`` have no
+  room for them (SQLite would store them).
+* lone surrogates (``"\\ud800"`` parses from JSON): not UTF-8, refused by PostgreSQL.
+* NaN and +-Infinity anywhere (Python's ``json`` reads ``NaN``; JSON has no such numbers and
+  ``jsonb`` refuses them; a non-finite duration would only disable the action later).
+* in ``config``, anything that is not JSON (a ``datetime``, a set, bytes, a non-text key), and
+  nesting deeper than :data:`MAX_CONFIG_DEPTH` (which also stops self-referring objects).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gathering_tasks.errors import InvalidInput
-from gathering_tasks.schedules import Schedule, parse_schedule
+from gathering_tasks.schedules import MAX_CATCHUP_SLOTS, Schedule, parse_schedule
 from gathering_tasks.skills.http_spec import parse_call_api_config
 from gathering_tasks.skills.notification_config import parse_notification_config
 
@@ -26,7 +39,10 @@ ACTION_TYPES: tuple[ActionType, ...] = (
     "send_notification",
     "call_api",
 )
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
+# \Z, not $: "$" also matches before a trailing newline.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}\Z")
+MAX_CONFIG_DEPTH = 64
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class _Strict(BaseModel):
@@ -61,7 +77,8 @@ class ActionSpec(_Strict):
     max_runs: int | None = Field(default=None, ge=1)
     catchup_mode: Literal["skip", "latest", "all"] = "latest"
     catchup_grace_s: float = Field(default=3600.0, ge=0)
-    catchup_max: int = Field(default=100, ge=1, le=10_000)
+    # Bounded by what the planner plans per call, or the excess would vanish silently.
+    catchup_max: int = Field(default=100, ge=1, le=MAX_CATCHUP_SLOTS)
     overlap_policy: Literal["skip", "allow"] = "skip"
     retry_max_attempts: int = Field(default=3, ge=1, le=20)
     retry_backoff_s: float = Field(default=5.0, ge=0)
@@ -114,6 +131,76 @@ CONFIG_CHECKS: dict[str, Callable[[Mapping[str, Any], Callable[[str], bool]], No
 }
 
 
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "must not contain NUL characters (\\x00); PostgreSQL cannot store them"
+    if _SURROGATE.search(text):
+        return "must be valid Unicode; it holds a lone surrogate, which cannot be stored"
+    return None
+
+
+def _scalar_problem(value: object, *, json_only: bool) -> str | None:
+    if isinstance(value, str):
+        return _text_problem(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        why = "; JSON has no NaN or Infinity" if json_only else ""
+        return f"must be a finite number{why}"
+    if json_only and not (value is None or isinstance(value, bool | int | float)):
+        kind = type(value).__name__
+        return f"must be JSON (text, number, boolean, null, list or object), not {kind}"
+    return None
+
+
+def _segment(key: str) -> str:
+    """A key as it appears in a field path: non-printable characters escaped, one line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in key)
+
+
+def _members(value: dict[Any, Any], path: str) -> Iterator[tuple[str, object]]:
+    """The members of an object, with their paths; a key that cannot be stored is refused."""
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise InvalidInput(f"has a key that is not text ({key!r})", field=path)
+        problem = _text_problem(key)
+        if problem:
+            raise InvalidInput(f"key {problem}", field=f"{path}.{_segment(key)}")
+        yield f"{path}.{_segment(key)}", item
+
+
+def _children(
+    value: dict[Any, Any] | list[Any] | tuple[Any, ...], path: str
+) -> list[tuple[str, object]]:
+    if isinstance(value, dict):
+        return list(_members(value, path))
+    return [(f"{path}.{index}", item) for index, item in enumerate(value)]
+
+
+def _check_storable(value: object, path: str, *, json_only: bool) -> None:
+    """Refuse, naming the first offending path, what some backend cannot store.
+
+    Walked in document order with an explicit stack; the depth bound also ends an object
+    that contains itself. ``json_only`` also refuses values JSON has no form for.
+    """
+    stack: list[tuple[str, object, int]] = [(path, value, 0)]
+    while stack:
+        where, item, depth = stack.pop()
+        if not isinstance(item, dict | list | tuple):
+            problem = _scalar_problem(item, json_only=json_only)
+            if problem:
+                raise InvalidInput(problem, field=where)
+            continue
+        if depth >= MAX_CONFIG_DEPTH:
+            raise InvalidInput(f"is nested more than {MAX_CONFIG_DEPTH} levels deep", field=where)
+        members = [(child_path, child, depth + 1) for child_path, child in _children(item, where)]
+        stack.extend(reversed(members))
+
+
+def check_storable(spec: ActionSpec) -> None:
+    """Refuse what one backend would store and another reject (see the module docstring)."""
+    for name in type(spec).model_fields:
+        _check_storable(getattr(spec, name), name, json_only=name == "config")
+
+
 def _first_error(exc: ValidationError, prefix: str = "") -> InvalidInput:
     err = exc.errors()[0]
     loc = ".".join(str(part) for part in err["loc"])
@@ -139,7 +226,8 @@ def validate_action(
         spec = ActionSpec.model_validate(dict(data))
     except ValidationError as exc:
         raise _first_error(exc) from exc
-    size = len(json.dumps(spec.config, separators=(",", ":"), default=str))
+    check_storable(spec)
+    size = len(json.dumps(spec.config, separators=(",", ":")))
     if size > max_config_bytes:
         raise InvalidInput(f"is {size} bytes; the limit is {max_config_bytes}", field="config")
     if spec.end_at and spec.start_at and spec.end_at <= spec.start_at:

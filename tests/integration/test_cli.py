@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,3 +109,114 @@ def test_trigger_with_the_broker_down_records_the_run(cli_env: dict[str, str]):
     result = cli(down, "actions", "trigger", "t")
     assert result.returncode == 0 and "queued" in result.stdout, result.stderr
     assert "trigger=manual" in cli(cli_env, "runs", "list", "--action", "t").stdout
+
+
+# --- input one backend would refuse to store is refused for both, before anything is written
+
+
+def _add_config(config: str) -> list[str]:
+    return ["--name", "x", "--type", "run_task", "--config", config, "--every", "60"]
+
+
+def _add_file(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "action.json"
+    path.write_text(text)
+    return ["--file", str(path)]
+
+
+def _definition(**fields: str) -> str:
+    """An action definition as JSON text; each value in ``fields`` is raw JSON."""
+    base = {
+        "name": '"x"',
+        "action_type": '"run_task"',
+        "config": '{"task": "demo.hello"}',
+        "schedule": '{"kind": "interval", "every_s": 60}',
+    }
+    members = ", ".join(f'"{key}": {value}' for key, value in (base | fields).items())
+    return "{" + members + "}"
+
+
+UNSTORABLE = [
+    pytest.param(
+        lambda _tmp: _add_config('{"task": "demo.hello", "kwargs": {"who": NaN}}'),
+        "config.kwargs.who",
+        id="config-nan",
+    ),
+    pytest.param(
+        lambda _tmp: _add_config('{"task": "demo.hello", "args": [1, -Infinity]}'),
+        "config.args.1",
+        id="config-infinity",
+    ),
+    pytest.param(
+        lambda _tmp: _add_config('{"task": "demo.hello", "kwargs": {"who": "a\\u0000b"}}'),
+        "config.kwargs.who",
+        id="config-nul-value",
+    ),
+    pytest.param(
+        lambda _tmp: _add_config('{"task": "demo.hello", "kwargs": {"a\\u0000": 1}}'),
+        "config.kwargs.a\\x00",
+        id="config-nul-key",
+    ),
+    pytest.param(
+        lambda _tmp: _add_config('{"task": "demo.hello", "kwargs": {"who": "\\ud800"}}'),
+        "config.kwargs.who",
+        id="config-lone-surrogate",
+    ),
+    pytest.param(
+        lambda tmp: _add_file(tmp, _definition(description='"first\\u0000second"')),
+        "description",
+        id="description-nul",
+    ),
+    pytest.param(
+        lambda tmp: _add_file(
+            tmp,
+            _definition(
+                action_type='"call_api"',
+                config='{"url": "https://api.example.com/", "headers": {"X-Token": "t\\u0000"}}',
+            ),
+        ),
+        "config.headers.X-Token",
+        id="header-nul",
+    ),
+    pytest.param(
+        lambda tmp: _add_file(tmp, _definition(catchup_grace_s="Infinity")),
+        "catchup_grace_s",
+        id="grace-infinity",
+    ),
+    pytest.param(
+        lambda tmp: _add_file(tmp, _definition(catchup_max="1001")),
+        "catchup_max",
+        id="catchup-max-above-planner-limit",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make_args", "field"), UNSTORABLE)
+def test_unstorable_input_exits_2_naming_the_field_on_every_backend(
+    cli_env: dict[str, str], tmp_path: Path, make_args: Any, field: str
+):
+    # Given input that SQLite would store and PostgreSQL would choke on (or the planner drop)
+    args = make_args(tmp_path)
+
+    # When an action is added from it
+    result = cli(cli_env, "actions", "add", *args)
+
+    # Then the CLI exits 2 with one line naming the field, and nothing was stored
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {field}: "), lines[0]
+    assert "\x00" not in result.stderr
+    assert cli(cli_env, "actions", "list").stdout == ""
+
+
+def test_catchup_max_at_the_planner_limit_is_stored(cli_env: dict[str, str], tmp_path: Path):
+    # Given a definition asking for the largest catch-up the planner plans in one call
+    args = _add_file(tmp_path, _definition(catchup_max="1000", catchup_mode='"all"'))
+
+    # When it is added
+    result = cli(cli_env, "actions", "add", *args)
+
+    # Then it is stored as asked
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["catchup_max"] == 1000
