@@ -26,8 +26,8 @@ from bench.dataset import SCHEDULES, slot_at_or_before
 from bench.measure import QUEUE, TickStats, emit, peak_rss_mb, ru_maxrss_mb, time_ticks
 from gathering_tasks.app import celery_config
 from gathering_tasks.beat import DatabaseScheduler, SlotPlanner
-from gathering_tasks.db.engine import session_factory
 from gathering_tasks.db.claims import ClaimBatch, DueAction, Planner, SlotClaims, SlotPlan
+from gathering_tasks.db.engine import session_factory
 from gathering_tasks.settings import Settings, get_settings
 
 DUE_QUERY_MARK = "FOR UPDATE OF scheduled_actions SKIP LOCKED"

@@ -28,17 +28,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gathering_tasks.errors import InvalidInput
+from gathering_tasks.kinds import ACTION_TYPES, kind, resolve
 from gathering_tasks.schedules import MAX_CATCHUP_SLOTS, Schedule, parse_schedule
-from gathering_tasks.skills.http_spec import parse_call_api_config
-from gathering_tasks.skills.notification_config import parse_notification_config
 
-ActionType = Literal["run_task", "execute_pipeline", "send_notification", "call_api"]
-ACTION_TYPES: tuple[ActionType, ...] = (
-    "run_task",
-    "execute_pipeline",
-    "send_notification",
-    "call_api",
-)
 # \Z, not $: "$" also matches before a trailing newline.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}\Z")
 MAX_CONFIG_DEPTH = 64
@@ -49,26 +41,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class RunTaskConfig(_Strict):
-    """``run_task``: call a registered handler or Celery task by name."""
-
-    task: str = Field(min_length=1, max_length=200)
-    args: list[Any] = Field(default_factory=list)
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-
-class ExecutePipelineConfig(_Strict):
-    """``execute_pipeline``: start a run of the named pipeline with these inputs."""
-
-    pipeline: str = Field(min_length=1, max_length=200)
-    inputs: dict[str, Any] = Field(default_factory=dict)
-
-
 class ActionSpec(_Strict):
     """Everything a user states about an action. Runtime state lives elsewhere."""
 
     name: str
-    action_type: ActionType
+    action_type: str  # one of kinds.ACTION_TYPES (checked first, with the known list)
     config: dict[str, Any]
     schedule: dict[str, Any]
     description: str | None = Field(default=None, max_length=2000)
@@ -100,35 +77,6 @@ class ActionSpec(_Strict):
         if value is not None and value.tzinfo is None:
             raise ValueError("must carry a UTC offset")
         return value
-
-
-def _run_task_check(config: Mapping[str, Any], allowed: Callable[[str], bool]) -> None:
-    parsed = RunTaskConfig.model_validate(config)
-    if not allowed(parsed.task):
-        raise InvalidInput(
-            f"task {parsed.task!r} is not registered or not in the run_task allowlist",
-            field="config.task",
-        )
-
-
-def _pipeline_check(config: Mapping[str, Any], _allowed: Callable[[str], bool]) -> None:
-    ExecutePipelineConfig.model_validate(config)
-
-
-def _call_api_check(config: Mapping[str, Any], _allowed: Callable[[str], bool]) -> None:
-    parse_call_api_config(config)
-
-
-def _notification_check(config: Mapping[str, Any], _allowed: Callable[[str], bool]) -> None:
-    parse_notification_config(config)
-
-
-CONFIG_CHECKS: dict[str, Callable[[Mapping[str, Any], Callable[[str], bool]], None]] = {
-    "run_task": _run_task_check,
-    "execute_pipeline": _pipeline_check,
-    "call_api": _call_api_check,
-    "send_notification": _notification_check,
-}
 
 
 def _text_problem(text: str) -> str | None:
@@ -240,7 +188,7 @@ def validate_action(
             field="timeout_s",
         )
     try:
-        CONFIG_CHECKS[spec.action_type](spec.config, task_allowed)
+        resolve(str(kind(spec.action_type).config_check))(spec.config, task_allowed)
     except ValidationError as exc:
         raise _first_error(exc, "config") from exc
     except InvalidInput as exc:

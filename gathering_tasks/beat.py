@@ -32,15 +32,19 @@ from gathering_tasks.errors import InvalidInput
 from gathering_tasks.keys import MIN_SLEEP_S
 from gathering_tasks.locks import Lease
 from gathering_tasks.publish import publish
-from gathering_tasks.schedules import CatchUpPolicy, Schedule, Window, parse_schedule, plan_due
+from gathering_tasks.schedules import (
+    ON_TIME_S,
+    CatchUpPolicy,
+    Schedule,
+    Window,
+    parse_schedule,
+    plan_due,
+)
 from gathering_tasks.settings import Settings
 from gathering_tasks.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
-# A slot claimed within this many seconds of its time is "on time" (trigger=schedule);
-# later ones were missed while no beat was leading (trigger=recovery).
-ON_TIME_S = 5.0
 # A batched publish that fails (the broker went away mid-flush) leaves delivery uncertain: the
 # runs stay pending and the sweeper re-publishes them, as after any broker outage.
 TRANSIENT = (SQLAlchemyError, RedisError, BrokerError, BatchPublishError, OSError)
