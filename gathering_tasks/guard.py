@@ -35,7 +35,7 @@ from typing import Any, Literal, Protocol
 from sqlalchemy.exc import SQLAlchemyError
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from gathering_tasks.db.ledger import Dispatch, LedgerPort, Record, StartRefused
+from gathering_tasks.db.ledger import Dispatch, LedgerPort, Record, StartRefused, dispatch_for
 from gathering_tasks.errors import ExecutionAborted, PermanentFailure, TaskTimedOut
 from gathering_tasks.keys import OUTCOME_RETRY_MAX_WAIT_S
 from gathering_tasks.policy import bounded_result, describe_error, retry_delay_s
@@ -231,16 +231,22 @@ class ExecutionGuard:
                 result = executor(record, abort.event)
         except ExecutionAborted as exc:
             return _Verdict(abort.reason or "cancelled", error=describe_error(exc))
-        except TaskTimedOut as exc:
-            return _Verdict("timed_out", error=describe_error(exc))
-        except PermanentFailure as exc:
-            return _Verdict("failed", result=_failure_data(exc), error=describe_error(exc))
         except Exception as exc:
-            return self._retry_or_fail(record, exc)
+            if abort.reason is not None:
+                # The work turned the abort into an error of its own: it is still the abort.
+                return _Verdict(abort.reason, error=describe_error(exc))
+            return self._judge_failure(record, exc)
         if abort.reason is not None:
             # Finished, but the record was cancelled or taken over meanwhile: say so.
             return _Verdict(abort.reason, result=result, error=f"run {abort.reason} while working")
         return _Verdict("succeeded", result=result)
+
+    def _judge_failure(self, record: Record, exc: Exception) -> _Verdict:
+        if isinstance(exc, TaskTimedOut):
+            return _Verdict("timed_out", error=describe_error(exc))
+        if isinstance(exc, PermanentFailure):
+            return _Verdict("failed", result=_failure_data(exc), error=describe_error(exc))
+        return self._retry_or_fail(record, exc)
 
     def _retry_or_fail(self, record: Record, exc: Exception) -> _Verdict:
         error = describe_error(exc)
@@ -278,7 +284,17 @@ class ExecutionGuard:
                 extra=_extra(record),
             ),
         )
-        written = retrying(self._write, record, verdict)
+        tries: list[int] = []
+
+        def write() -> bool:
+            tries.append(1)
+            return self._write(record, verdict)
+
+        written = retrying(write)
+        if not written and len(tries) > 1:
+            # A try that raised may have committed with its reply lost: then the fence
+            # turned away our own retry. The record says whether it was ours.
+            written = self._ledger.state(record.id) == (record.attempt, verdict.status)
         if written:
             log.info("run %s %s", record.name, verdict.status, extra=_extra(record))
             return verdict
@@ -299,9 +315,8 @@ class ExecutionGuard:
         )
 
     def _publish_retry_of(self, record: Record, delay_s: float) -> None:
-        dispatch = self._ledger.dispatch_of(record.id)
-        if dispatch is None:
-            return
+        # The record already says where its messages go: no database call here.
+        dispatch = dispatch_for(record.id, record.kind, record.definition)
         try:
             self._publish_retry(dispatch, delay_s)
         except Exception as exc:

@@ -212,6 +212,10 @@ class JournaledLedger:
         status: str = self._call("cancel", self.inner.cancel, record_id)
         return status
 
+    def state(self, record_id: int) -> tuple[int, str] | None:
+        found: tuple[int, str] | None = self._call("state", self.inner.state, record_id)
+        return found
+
 
 def spin_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
     """Busy-wait until ``condition()`` holds or ``timeout_s`` passes; whether it held.

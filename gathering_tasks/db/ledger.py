@@ -147,6 +147,8 @@ class LedgerPort(Protocol):
 
     def dispatch_of(self, record_id: int) -> Dispatch | None: ...
 
+    def state(self, record_id: int) -> tuple[int, str] | None: ...
+
     def cancel(self, record_id: int) -> str: ...
 
 
@@ -172,6 +174,8 @@ class SqlLedger(Sql):
             .where(
                 e.id == record_id,
                 e.kind == kind,
+                # Cancelled while it ran (and then requeued): it never starts again.
+                e.cancel_requested_at.is_(None),
                 or_(
                     e.status == "pending",
                     # A retry waits out its backoff: an early copy of the message is dropped.
@@ -266,6 +270,13 @@ class SqlLedger(Sql):
                 error=error,
                 values={"retry_at": self.now(timedelta(seconds=delay_s))},
             )
+
+    def state(self, record_id: int) -> tuple[int, str] | None:
+        """The record's attempt and status (after a write whose reply was lost)."""
+        e = Execution
+        with self.factory() as session:
+            row = session.execute(select(e.attempt, e.status).where(e.id == record_id)).first()
+        return (row.attempt, row.status) if row else None
 
     def dispatch_of(self, record_id: int) -> Dispatch | None:
         e = Execution

@@ -49,6 +49,7 @@ LedgerMethod = Literal[
     "cancel",
     "get",
     "requeue_lost",
+    "state",
 ]
 ExcFactory = Callable[[], BaseException]
 
@@ -292,6 +293,11 @@ class MemoryLedger:
             row.retry_at = self._now(timedelta(seconds=delay_s))
             return True
 
+    def state(self, record_id: int) -> tuple[int, str] | None:
+        with self._call("state"):
+            row = self._rows.get(record_id)
+            return (row.attempt, row.status) if row else None
+
     def dispatch_of(self, record_id: int) -> Dispatch | None:
         with self._call("dispatch_of"):
             row = self._rows.get(record_id)
@@ -331,6 +337,19 @@ class MemoryLedger:
         Fenced by attempt and by the heartbeat still being older than ``stale_before``.
         """
         with self._call("requeue_lost"):
+            current = self._rows.get(record_id)
+            if current is not None and current.cancel_requested_at is not None:
+                # Cancelled while it ran: its worker is gone, and so is the run.
+                row = self._close(
+                    record_id,
+                    attempt,
+                    status="cancelled",
+                    error="cancelled; its worker was lost",
+                    stale_before=stale_before,
+                )
+                if row is not None:
+                    row.finished_at = row.updated_at
+                return None
             row = self._close(
                 record_id, attempt, status="pending", error=error, stale_before=stale_before
             )
@@ -377,6 +396,8 @@ class MemoryLedger:
 
 
 def _startable(row: _Row, now: datetime) -> bool:
+    if row.cancel_requested_at is not None:
+        return False  # cancelled while it ran: it never starts again
     if row.status == "pending":
         return True
     # A retry waits out its backoff: an early copy of the message is dropped.

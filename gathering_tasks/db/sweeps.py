@@ -99,6 +99,22 @@ class Sweeps(Sql):
         """
         e = Execution
         with self.write_tx() as session:
+            cancelled = session.execute(
+                select(e.cancel_requested_at).where(e.id == record_id)
+            ).scalar_one_or_none()
+            if cancelled is not None:
+                # Cancelled while it ran, and its worker is gone: so is the run.
+                close_attempt(
+                    self,
+                    session,
+                    record_id,
+                    attempt,
+                    status="cancelled",
+                    error="cancelled; its worker was lost",
+                    values={"finished_at": self.now()},
+                    stale_before=stale_before,
+                )
+                return None
             if not close_attempt(
                 self,
                 session,

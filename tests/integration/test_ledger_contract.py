@@ -413,11 +413,6 @@ def test_dispatch_of_carries_kind_and_routing_from_the_definition(backend: Backe
     assert backend.ledger.dispatch_of(record_id) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ledger.py SqlLedger.start does not look at cancel_requested_at, and "
-    "Sweeps.requeue_lost puts a cancel-requested record back to pending: it starts again",
-)
 def test_a_cancel_requested_record_requeued_by_the_sweeper_does_not_start(
     backend: Backend,
 ) -> None:

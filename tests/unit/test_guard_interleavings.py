@@ -16,7 +16,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy.exc import OperationalError
 
 from gathering_tasks.db.ledger import Dispatch, Record
 from gathering_tasks.db.memory import MemoryLedger
@@ -311,14 +310,9 @@ def test_delivery_finding_the_lease_held_is_dropped_before_touching_the_record(
     assert world.leases.owner(record_id) == "w2"
 
 
-# -- defects found in the core (strict xfails: each turns into a failure once fixed) ---------
+# -- interleavings that broke an earlier version of the core -------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guard.py ExecutionGuard._run: an exception raised after the abort is judged as a "
-    "failure (retry or fail), not as the abort, so a cancelled run is rescheduled",
-)
 def test_cancelled_run_whose_executor_wraps_the_abort_still_ends_cancelled(
     world: World,
 ) -> None:
@@ -342,11 +336,6 @@ def test_cancelled_run_whose_executor_wraps_the_abort_still_ends_cancelled(
     assert world.published == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guard.py ExecutionGuard._record_outcome: a retried write whose first try "
-    "committed (reply lost) is fenced out by itself and reported as superseded",
-)
 def test_outcome_write_that_landed_but_whose_reply_was_lost_is_still_reported(
     world: World,
 ) -> None:
@@ -362,11 +351,6 @@ def test_outcome_write_that_landed_but_whose_reply_was_lost_is_still_reported(
     assert outcome == "succeeded"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guard.py ExecutionGuard._record_outcome: a retry whose schedule_retry committed "
-    "(reply lost) is reported superseded and its retry message is never published",
-)
 def test_retry_whose_write_landed_but_whose_reply_was_lost_is_still_published(
     world: World,
 ) -> None:
@@ -387,12 +371,6 @@ def test_retry_whose_write_landed_but_whose_reply_was_lost_is_still_published(
     assert [dispatch.record_id for dispatch, _delay in world.published] == [record_id]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OperationalError,
-    reason="guard.py ExecutionGuard._publish_retry_of: dispatch_of is outside the try, so a "
-    "database error after the retry was recorded escapes execute()",
-)
 def test_database_error_while_publishing_a_recorded_retry_is_not_raised(world: World) -> None:
     # Given a failing run with attempts left, and a database that goes away right after
     # the retry is recorded
@@ -410,20 +388,16 @@ def test_database_error_while_publishing_a_recorded_retry_is_not_raised(world: W
     assert world.ledger.get(record_id)["status"] == "retrying"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ledger.py SqlLedger.start (and Sweeps.requeue_lost): a record whose cancel was "
-    "requested is requeued by the sweeper and started again; the executor runs",
-)
 def test_cancelled_run_requeued_by_the_sweeper_is_not_executed_again(world: World) -> None:
     # Given a run cancelled while running on a worker that then died, and the sweeper
-    # putting the lost attempt back to pending
+    # recovering the lost attempt: it ends cancelled, with nothing to re-publish
     record_id = world.add()
     started = world.ledger.start(record_id, kind=KIND, worker="w1", task_id="w1-t")
     assert isinstance(started, Record)
     assert world.ledger.cancel(record_id) == "running"
     stale_before = world.clock() + timedelta(seconds=1)
-    assert world.ledger.requeue_lost(record_id, 1, error="lost", stale_before=stale_before)
+    assert world.ledger.requeue_lost(record_id, 1, error="lost", stale_before=stale_before) is None
+    assert world.ledger.get(record_id)["status"] == "cancelled"
     calls: list[int] = []
 
     def executor(record: Record, abort: threading.Event) -> None:
