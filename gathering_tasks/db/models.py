@@ -28,6 +28,9 @@ RUN_STATUSES = (
     "pending",
     "running",
     "retrying",
+    # handed its work on (an execute_pipeline record while its pipeline runs): no worker
+    # holds it, and the pipeline's end writes its final status
+    "waiting",
     "succeeded",
     "failed",
     "timed_out",
@@ -122,6 +125,7 @@ class Execution(Base):
         Index("ix_executions_status_updated", "status", "updated_at"),
         Index("ix_executions_action_slot", "action_id", "scheduled_for"),
         Index("ix_executions_finished", "finished_at"),
+        Index("ix_executions_pipeline_run", "pipeline_run_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -130,6 +134,10 @@ class Execution(Base):
     idempotency_key: Mapped[str] = mapped_column(String(300))
     action_id: Mapped[int | None] = mapped_column(ForeignKey("scheduled_actions.id"))
     scheduled_for: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # A pipeline node's record: its run and node (``map[3]`` for a map's fourth item).
+    pipeline_run_id: Mapped[int | None] = mapped_column(Integer)
+    node_id: Mapped[str | None] = mapped_column(String(220))
+    input: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     trigger: Mapped[str] = mapped_column(String(16), default="schedule")
     # What the worker executes: name, config, retry policy, timeout and routing, as they
     # were when the record was made (an edit or an archive later does not change a run).
@@ -193,6 +201,8 @@ class ScheduledActionRun(_Views):
 
 
 class Pipeline(Base):
+    """A pipeline by name; ``definition`` and ``version`` are its current version's."""
+
     __tablename__ = "pipelines"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -206,13 +216,31 @@ class Pipeline(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class PipelineVersion(Base):
+    """Every version of a pipeline, immutable: a run keeps the version it started with."""
+
+    __tablename__ = "pipeline_versions"
+    __table_args__ = (UniqueConstraint("pipeline_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pipeline_id: Mapped[int] = mapped_column(ForeignKey("pipelines.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    definition: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+PIPELINE_RUN_STATUSES = ("running", "succeeded", "failed", "timed_out", "cancelled")
+
+
 class PipelineRun(Base):
+    """One run of one pipeline version. Its nodes are ledger records (kind pipeline_node)."""
+
     __tablename__ = "pipeline_runs"
     __table_args__ = (
-        CheckConstraint(
-            _in("status", ("pending", "running", "succeeded", "failed", "timed_out", "cancelled")),
-            name="status",
-        ),
+        # One run per starting record (a redelivered execute_pipeline) or per caller key.
+        UniqueConstraint("dedupe_key"),
+        CheckConstraint(_in("status", PIPELINE_RUN_STATUSES), name="status"),
+        Index("ix_pipeline_runs_status_deadline", "status", "deadline_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -220,49 +248,53 @@ class PipelineRun(Base):
         ForeignKey("pipelines.id", ondelete="CASCADE"), index=True
     )
     pipeline_version: Mapped[int] = mapped_column(Integer)
+    dedupe_key: Mapped[str] = mapped_column(String(300))
+    # The execute_pipeline record that started it: its status mirrors the run's end.
     action_run_id: Mapped[int | None] = mapped_column(
         ForeignKey("executions.id", ondelete="SET NULL"), index=True
     )
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default="running")
     trigger_data: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     outputs: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     error: Mapped[str | None] = mapped_column(Text)
+    deadline_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
-class PipelineNodeRun(Base):
-    __tablename__ = "pipeline_node_runs"
-    __table_args__ = (
-        UniqueConstraint("run_id", "node_id"),
-        CheckConstraint(
-            _in(
-                "status",
-                (
-                    "pending",
-                    "running",
-                    "retrying",
-                    "succeeded",
-                    "failed",
-                    "timed_out",
-                    "cancelled",
-                    "skipped",
-                ),
-            ),
-            name="status",
-        ),
+class PipelineNodeHealth(Base):
+    """The per-node circuit breaker: consecutive failures of one node across runs."""
+
+    __tablename__ = "pipeline_node_health"
+
+    pipeline_id: Mapped[int] = mapped_column(
+        ForeignKey("pipelines.id", ondelete="CASCADE"), primary_key=True
     )
+    node_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    open_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class PipelineNodeRun(_Views):
+    """``pipeline_node_runs``: the node records of the ledger, one row per node (or map item)."""
+
+    __tablename__ = "pipeline_node_runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("pipeline_runs.id", ondelete="CASCADE"))
-    node_id: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), default="pending")
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    run_id: Mapped[int] = mapped_column(Integer)
+    node_id: Mapped[str] = mapped_column(String(220))
+    status: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer)
     input: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     output: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    attempts: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonType)
+    idempotency_key: Mapped[str] = mapped_column(String(300))
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)

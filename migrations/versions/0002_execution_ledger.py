@@ -32,8 +32,17 @@ MAX_CATCHUP_SLOTS = 1000
 BATCH = 2000
 JSON = sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql")
 TS = sa.DateTime(timezone=True)
-RUN_STATUSES = (
+OLD_RUN_STATUSES = (
     "'pending', 'running', 'retrying', 'succeeded', 'failed', 'timed_out', 'cancelled', 'skipped'"
+)
+RUN_STATUSES = (
+    "'pending', 'running', 'retrying', 'waiting', 'succeeded', 'failed', 'timed_out', "
+    "'cancelled', 'skipped'"
+)
+NODE_VIEW = (
+    "CREATE VIEW pipeline_node_runs AS SELECT id, pipeline_run_id AS run_id, node_id, status, "
+    "attempt, input, result AS output, error, worker, attempts, idempotency_key, started_at, "
+    "finished_at, created_at, updated_at FROM executions WHERE kind = 'pipeline_node'"
 )
 KINDS = "'run_task', 'execute_pipeline', 'send_notification', 'call_api', 'pipeline_node'"
 TRIGGERS = "'schedule', 'recovery', 'manual', 'api', 'pipeline'"
@@ -78,6 +87,9 @@ def _executions_table() -> sa.Table:
         sa.Column("idempotency_key", sa.String(300), nullable=False),
         sa.Column("action_id", sa.Integer(), nullable=True),
         sa.Column("scheduled_for", TS, nullable=True),
+        sa.Column("pipeline_run_id", sa.Integer(), nullable=True),
+        sa.Column("node_id", sa.String(220), nullable=True),
+        sa.Column("input", JSON, nullable=True),
         sa.Column("trigger", sa.String(16), nullable=False),
         sa.Column("definition", JSON, nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
@@ -149,7 +161,8 @@ def _actions_table(statuses: str, *, new: bool) -> sa.Table:
             name=op.f("ck_scheduled_actions_action_type"),
         ),
         sa.CheckConstraint(
-            "catchup_mode IN ('skip', 'latest', 'all')", name=op.f("ck_scheduled_actions_catchup_mode")
+            "catchup_mode IN ('skip', 'latest', 'all')",
+            name=op.f("ck_scheduled_actions_catchup_mode"),
         ),
         sa.CheckConstraint(
             "overlap_policy IN ('skip', 'allow')", name=op.f("ck_scheduled_actions_overlap_policy")
@@ -334,7 +347,9 @@ def _node_runs_table() -> sa.Table:
         sa.Column("finished_at", TS, nullable=True),
         sa.Column("created_at", TS, nullable=False),
         sa.Column("updated_at", TS, nullable=False),
-        sa.CheckConstraint(f"status IN ({RUN_STATUSES})", name=op.f("ck_pipeline_node_runs_status")),
+        sa.CheckConstraint(
+            f"status IN ({OLD_RUN_STATUSES})", name=op.f("ck_pipeline_node_runs_status")
+        ),
         sa.ForeignKeyConstraint(
             ["run_id"],
             ["pipeline_runs.id"],
@@ -346,14 +361,97 @@ def _node_runs_table() -> sa.Table:
     )
 
 
-def _recreate_pipeline_runs(target: str) -> None:
+def _new_pipeline_tables() -> None:
+    op.create_table(
+        "pipeline_versions",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("pipeline_id", sa.Integer(), nullable=False),
+        sa.Column("version", sa.Integer(), nullable=False),
+        sa.Column("definition", JSON, nullable=False),
+        sa.Column("created_at", TS, nullable=False),
+        sa.ForeignKeyConstraint(
+            ["pipeline_id"],
+            ["pipelines.id"],
+            name=op.f("fk_pipeline_versions_pipeline_id_pipelines"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_pipeline_versions")),
+        sa.UniqueConstraint(
+            "pipeline_id", "version", name=op.f("uq_pipeline_versions_pipeline_id_version")
+        ),
+    )
+    op.create_table(
+        "pipeline_runs",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("pipeline_id", sa.Integer(), nullable=False),
+        sa.Column("pipeline_version", sa.Integer(), nullable=False),
+        sa.Column("dedupe_key", sa.String(300), nullable=False),
+        sa.Column("action_run_id", sa.Integer(), nullable=True),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("trigger_data", JSON, nullable=True),
+        sa.Column("outputs", JSON, nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("deadline_at", TS, nullable=True),
+        sa.Column("cancel_requested_at", TS, nullable=True),
+        sa.Column("started_at", TS, nullable=True),
+        sa.Column("finished_at", TS, nullable=True),
+        sa.Column("created_at", TS, nullable=False),
+        sa.Column("updated_at", TS, nullable=False),
+        sa.CheckConstraint(
+            "status IN ('running', 'succeeded', 'failed', 'timed_out', 'cancelled')",
+            name=op.f("ck_pipeline_runs_status"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["action_run_id"],
+            ["executions.id"],
+            name=op.f("fk_pipeline_runs_action_run_id_executions"),
+            ondelete="SET NULL",
+        ),
+        sa.ForeignKeyConstraint(
+            ["pipeline_id"],
+            ["pipelines.id"],
+            name=op.f("fk_pipeline_runs_pipeline_id_pipelines"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_pipeline_runs")),
+        sa.UniqueConstraint("dedupe_key", name=op.f("uq_pipeline_runs_dedupe_key")),
+    )
+    op.create_index("ix_pipeline_runs_action_run_id", "pipeline_runs", ["action_run_id"])
+    op.create_index("ix_pipeline_runs_pipeline_id", "pipeline_runs", ["pipeline_id"])
+    op.create_index("ix_pipeline_runs_status_deadline", "pipeline_runs", ["status", "deadline_at"])
+    op.create_table(
+        "pipeline_node_health",
+        sa.Column("pipeline_id", sa.Integer(), nullable=False),
+        sa.Column("node_id", sa.String(200), nullable=False),
+        sa.Column("consecutive_failures", sa.Integer(), nullable=False),
+        sa.Column("open_until", TS, nullable=True),
+        sa.Column("updated_at", TS, nullable=False),
+        sa.ForeignKeyConstraint(
+            ["pipeline_id"],
+            ["pipelines.id"],
+            name=op.f("fk_pipeline_node_health_pipeline_id_pipelines"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("pipeline_id", "node_id", name=op.f("pk_pipeline_node_health")),
+    )
+
+
+def _drop_old_pipeline_runs() -> None:
     # No release wrote these tables (pipelines were not executable): rebuild, never lose.
     _require_empty("pipeline_node_runs", "pipeline_runs")
     op.drop_table("pipeline_node_runs")
     op.drop_index("ix_pipeline_runs_pipeline_id", table_name="pipeline_runs")
     op.drop_index("ix_pipeline_runs_action_run_id", table_name="pipeline_runs")
     op.drop_table("pipeline_runs")
-    _pipeline_runs_table(target)
+
+
+def _old_pipeline_tables() -> None:
+    """0001's pipeline run tables (the runs of this release have no place there)."""
+    op.drop_index("ix_pipeline_runs_status_deadline", table_name="pipeline_runs")
+    op.drop_index("ix_pipeline_runs_pipeline_id", table_name="pipeline_runs")
+    op.drop_index("ix_pipeline_runs_action_run_id", table_name="pipeline_runs")
+    op.drop_table("pipeline_runs")
+    _pipeline_runs_table("scheduled_action_runs")
     op.create_index("ix_pipeline_runs_action_run_id", "pipeline_runs", ["action_run_id"])
     op.create_index("ix_pipeline_runs_pipeline_id", "pipeline_runs", ["pipeline_id"])
     _node_runs_table()
@@ -374,7 +472,10 @@ def upgrade() -> None:
     op.create_index("ix_executions_status_updated", "executions", ["status", "updated_at"])
     op.create_index("ix_executions_action_slot", "executions", ["action_id", "scheduled_for"])
     op.create_index("ix_executions_finished", "executions", ["finished_at"])
-    _recreate_pipeline_runs("executions")
+    op.create_index("ix_executions_pipeline_run", "executions", ["pipeline_run_id"])
+    _drop_old_pipeline_runs()
+    _new_pipeline_tables()
+    op.execute(NODE_VIEW)
     op.drop_index("ix_scheduled_action_runs_status_updated", table_name="scheduled_action_runs")
     op.drop_index("ix_scheduled_action_runs_action_id", table_name="scheduled_action_runs")
     op.drop_table("scheduled_action_runs")
@@ -406,7 +507,9 @@ def _old_runs_table() -> sa.Table:
         sa.Column("attempts", JSON, nullable=True),
         sa.Column("created_at", TS, nullable=False),
         sa.Column("updated_at", TS, nullable=False),
-        sa.CheckConstraint(f"status IN ({RUN_STATUSES})", name=op.f("ck_scheduled_action_runs_status")),
+        sa.CheckConstraint(
+            f"status IN ({OLD_RUN_STATUSES})", name=op.f("ck_scheduled_action_runs_status")
+        ),
         sa.CheckConstraint(
             "trigger IN ('schedule', 'recovery', 'manual', 'api')",
             name=op.f("ck_scheduled_action_runs_trigger"),
@@ -419,7 +522,9 @@ def _old_runs_table() -> sa.Table:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_scheduled_action_runs")),
         sa.UniqueConstraint(
-            "action_id", "scheduled_for", name=op.f("uq_scheduled_action_runs_action_id_scheduled_for")
+            "action_id",
+            "scheduled_for",
+            name=op.f("uq_scheduled_action_runs_action_id_scheduled_for"),
         ),
     )
 
@@ -439,7 +544,10 @@ def downgrade() -> None:
     op.create_index(
         "ix_scheduled_action_runs_status_updated", "scheduled_action_runs", ["status", "updated_at"]
     )
-    _recreate_pipeline_runs("scheduled_action_runs")
+    op.execute("DROP VIEW pipeline_node_runs")
+    op.drop_table("pipeline_node_health")
+    _old_pipeline_tables()
+    op.drop_table("pipeline_versions")
     op.drop_table("executions")
     op.execute("DELETE FROM scheduled_actions WHERE archived_at IS NOT NULL")
     op.drop_index("uq_scheduled_actions_live_name", table_name="scheduled_actions")
@@ -450,7 +558,9 @@ def downgrade() -> None:
         return
     op.drop_constraint(op.f("ck_scheduled_actions_status"), "scheduled_actions", type_="check")
     op.create_check_constraint(
-        op.f("ck_scheduled_actions_status"), "scheduled_actions", f"status IN ({OLD_ACTION_STATUSES})"
+        op.f("ck_scheduled_actions_status"),
+        "scheduled_actions",
+        f"status IN ({OLD_ACTION_STATUSES})",
     )
     op.create_unique_constraint(op.f("uq_scheduled_actions_name"), "scheduled_actions", ["name"])
     op.drop_column("scheduled_actions", "archived_at")
