@@ -6,6 +6,7 @@ Every change lands in the database and takes effect at beat's next tick; no rest
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -14,12 +15,13 @@ from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
 from gathering_tasks import runtime
-from gathering_tasks.actions import ActionSpec, validate_action
+from gathering_tasks.actions import NAME_RE, ActionSpec, validate_action
 from gathering_tasks.app import app as celery_app
 from gathering_tasks.clock import utcnow
 from gathering_tasks.db.ledger import Dispatch
 from gathering_tasks.db.repo import Repository
 from gathering_tasks.errors import InvalidInput
+from gathering_tasks.pipelines.definition import PipelineSpec, parse_pipeline
 from gathering_tasks.publish import publish
 from gathering_tasks.schedules import OnceSchedule, Schedule, first_slot, schedule_to_spec
 from gathering_tasks.settings import Settings
@@ -188,3 +190,93 @@ class ActionService:
         self, *, action: str | None = None, status: str | None = None, limit: int = 50
     ) -> list[dict[str, Any]]:
         return self.repo.ledger.list_runs(action=action, status=status, limit=limit)
+
+
+def pipeline_service() -> PipelineService:
+    """Pipelines wired to the configured database and broker."""
+    settings = runtime.settings()
+
+    def publish_all(dispatches: list[Dispatch]) -> None:
+        publish(celery_app, dispatches, default_queue=settings.default_queue)
+
+    return PipelineService(
+        runtime.repository(), settings, task_allowed=task_allowed, publish=publish_all
+    )
+
+
+class PipelineService:
+    """Pipelines as a user sees them: versioned definitions, runs, cancellation."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        settings: Settings,
+        *,
+        task_allowed: Callable[[str], bool],
+        publish: Callable[[list[Dispatch]], None] | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.repo = repo
+        self.settings = settings
+        self._task_allowed = task_allowed
+        self._publish = publish
+        self._clock = clock
+
+    def validate(self, definition: Mapping[str, Any] | str) -> PipelineSpec:
+        """Parse and check a definition (JSON or YAML); every error at once."""
+        return parse_pipeline(
+            definition,
+            max_nodes=self.settings.pipeline_max_nodes,
+            max_map_items=self.settings.pipeline_max_map_items,
+            task_allowed=self._task_allowed,
+        )
+
+    def create(self, name: str, definition: Mapping[str, Any] | str) -> dict[str, Any]:
+        if not NAME_RE.match(name):
+            raise InvalidInput("must be 1-200 letters, digits, '_', '.', ':' or '-'", field="name")
+        return self.repo.pipelines.create(name, self.validate(definition), now=self._clock())
+
+    def update(self, name: str, definition: Mapping[str, Any] | str) -> dict[str, Any]:
+        """A new version; runs already started keep theirs."""
+        return self.repo.pipelines.new_version(name, self.validate(definition), now=self._clock())
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self.repo.pipelines.get(name)
+
+    def list_pipelines(self) -> list[dict[str, Any]]:
+        return self.repo.pipelines.list_pipelines()
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        return self.repo.pipelines.versions(name)
+
+    def run(
+        self, name: str, data: Mapping[str, Any] | None = None, *, key: str | None = None
+    ) -> int:
+        """Start a run of the pipeline's current version. Returns the pipeline run id.
+
+        With ``key``, a repeated call returns the first run instead of starting another."""
+        if data is not None and not isinstance(data, Mapping):
+            raise InvalidInput("must be a JSON object", field="data")
+        started = self.repo.pipelines.start_run(
+            name,
+            data=dict(data or {}),
+            dedupe_key=f"api:{key or uuid.uuid4().hex}",
+            now=self._clock(),
+        )
+        if self._publish is not None and started.dispatches:
+            try:
+                self._publish(started.dispatches)
+            except (BrokerError, RedisError, OSError) as exc:
+                log.warning("pipeline run %d recorded; publishing failed (%s)", started.run_id, exc)
+        return started.run_id
+
+    def cancel(self, run_id: int) -> str:
+        """Cancel a run: queued nodes end, running ones are told to stop."""
+        return self.repo.pipelines.cancel_run(run_id, now=self._clock())
+
+    def get_run(self, run_id: int) -> dict[str, Any]:
+        """A run with every node record (status, attempt, input, output, error, timings)."""
+        return self.repo.pipelines.get_run(run_id)
+
+    def list_runs(self, name: str | None = None, *, limit: int = 50) -> list[dict[str, Any]]:
+        return self.repo.pipelines.list_runs(name, limit=limit)

@@ -126,7 +126,11 @@ class BeatEngine:
         self.is_leader = False
         self.planner = SlotPlanner(clock())
         self.sweeper = Sweeper(
-            settings, repo.sweeps, lease_alive=run_lease_alive, publish=self._publish
+            settings,
+            repo.sweeps,
+            lease_alive=run_lease_alive,
+            publish=self._publish,
+            pipelines=repo.pipelines,
         )
         self._next_sweep = 0.0
 

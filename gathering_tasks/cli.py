@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 other error, 2 invalid input (nothing was written), 3 not fo
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from gathering_tasks import runtime
-from gathering_tasks.api import ActionService, action_service
+from gathering_tasks.api import ActionService, PipelineService, action_service, pipeline_service
 from gathering_tasks.db.migrate import upgrade
 from gathering_tasks.demo import DEMO_ACTIONS
 from gathering_tasks.errors import GatheringError, InvalidInput, NotFound
@@ -27,10 +28,12 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 actions_app = typer.Typer(help="Scheduled actions.", no_args_is_help=True)
 runs_app = typer.Typer(help="Runs of actions.", no_args_is_help=True)
 demo_app = typer.Typer(help="Demo actions.", no_args_is_help=True)
+pipelines_app = typer.Typer(help="Pipelines: versioned DAGs of nodes.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(actions_app, name="actions")
 app.add_typer(runs_app, name="runs")
 app.add_typer(demo_app, name="demo")
+app.add_typer(pipelines_app, name="pipelines")
 
 EXIT_INVALID = 2
 EXIT_NOT_FOUND = 3
@@ -222,6 +225,127 @@ def runs_cancel(run_id: int) -> None:
             typer.echo(f"run {run_id} is running: cancellation requested")
         else:
             typer.echo(f"run {run_id} is {status}")
+
+
+def _pipelines() -> PipelineService:
+    return pipeline_service()
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise InvalidInput(f"cannot be read ({exc.strerror})", field="file") from exc
+
+
+@pipelines_app.command("validate")
+def pipelines_validate(file: Path) -> None:
+    """Check a pipeline file (JSON or YAML); print every error, each naming its node."""
+    with _errors():
+        spec = _pipelines().validate(_read_text(file))
+        typer.echo(f"valid: {len(spec.nodes)} nodes, {len(spec.edges)} edges")
+
+
+@pipelines_app.command("add")
+def pipelines_add(name: str, file: Path) -> None:
+    """Store a pipeline (version 1) from a JSON or YAML file."""
+    with _errors():
+        _print(_pipelines().create(name, _read_text(file)))
+
+
+@pipelines_app.command("update")
+def pipelines_update(name: str, file: Path) -> None:
+    """Store a new version of a pipeline; runs already started keep theirs."""
+    with _errors():
+        _print(_pipelines().update(name, _read_text(file)))
+
+
+@pipelines_app.command("list")
+def pipelines_list() -> None:
+    """List pipelines."""
+    with _errors():
+        for row in _pipelines().list_pipelines():
+            nodes = len(row["definition"].get("nodes", []))
+            typer.echo(f"{row['name']:<32} v{row['version']:<4} {nodes} nodes")
+
+
+@pipelines_app.command("show")
+def pipelines_show(name: str) -> None:
+    """Show a pipeline's current version."""
+    with _errors():
+        _print(_pipelines().get(name))
+
+
+@pipelines_app.command("versions")
+def pipelines_versions(name: str) -> None:
+    """List a pipeline's versions."""
+    with _errors():
+        for version in _pipelines().versions(name):
+            typer.echo(f"v{version['version']:<4} {version['created_at']}")
+
+
+@pipelines_app.command("run")
+def pipelines_run(
+    name: str,
+    data: Annotated[str | None, typer.Option(help="The run's input data as JSON.")] = None,
+    key: Annotated[str | None, typer.Option(help="A repeat with this key starts no run.")] = None,
+    wait: Annotated[bool, typer.Option(help="Show node progress; exit with the outcome.")] = False,
+    timeout: Annotated[float, typer.Option(help="With --wait: give up after seconds.")] = 600,
+) -> None:
+    """Start a run of a pipeline."""
+    with _errors():
+        service = _pipelines()
+        run_id = service.run(name, _json_arg(data, "data"), key=key)
+        typer.echo(f"pipeline run {run_id} started")
+        if wait:
+            _wait_for_run(service, run_id, timeout)
+
+
+def _wait_for_run(service: PipelineService, run_id: int, timeout_s: float) -> None:
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = service.get_run(run_id)
+        for node in run["nodes"]:
+            if seen.get(node["node_id"]) != node["status"]:
+                seen[node["node_id"]] = node["status"]
+                typer.echo(
+                    f"  {node['node_id']:<32} {node['status']:<10} attempt={node['attempt']}"
+                )
+        if run["status"] != "running":
+            typer.echo(
+                f"pipeline run {run_id} {run['status']}"
+                + (f": {run['error']}" if run["error"] else "")
+            )
+            raise typer.Exit(0 if run["status"] == "succeeded" else 1)
+        if time.monotonic() > deadline:
+            _fail(f"pipeline run {run_id} still running after {timeout_s:.0f}s", 1)
+        time.sleep(0.2)
+
+
+@pipelines_app.command("cancel")
+def pipelines_cancel(run_id: int) -> None:
+    """Cancel a pipeline run: queued nodes end, running ones are told to stop."""
+    with _errors():
+        typer.echo(f"pipeline run {run_id} {_pipelines().cancel(run_id)}")
+
+
+@pipelines_app.command("runs")
+def pipelines_runs(
+    name: Annotated[str | None, typer.Argument()] = None,
+    run: Annotated[int | None, typer.Option(help="Show this run with every node.")] = None,
+    limit: int = 50,
+) -> None:
+    """List recent pipeline runs, or show one with its nodes."""
+    with _errors():
+        if run is not None:
+            _print(_pipelines().get_run(run))
+            return
+        for row in _pipelines().list_runs(name, limit=limit):
+            typer.echo(
+                f"{row['id']:>8} pipeline={row['pipeline_id']} v{row['pipeline_version']} "
+                f"{row['status']:<10} started={row['started_at']}"
+            )
 
 
 @demo_app.command("seed")

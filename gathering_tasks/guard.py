@@ -28,7 +28,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
@@ -42,9 +42,16 @@ from gathering_tasks.policy import bounded_result, describe_error, retry_delay_s
 
 log = logging.getLogger(__name__)
 
-Executor = Callable[[Record, threading.Event], Mapping[str, Any] | None]
+Executor = Callable[[Record, threading.Event], "Mapping[str, Any] | Detached | None"]
 Outcome = Literal[
-    "succeeded", "failed", "timed_out", "retrying", "cancelled", "superseded", "dropped"
+    "succeeded",
+    "failed",
+    "timed_out",
+    "retrying",
+    "cancelled",
+    "superseded",
+    "dropped",
+    "waiting",
 ]
 AbortReason = Literal["cancelled", "superseded"]
 
@@ -174,11 +181,23 @@ class _Keepers:
 
 
 @dataclass(frozen=True)
+class Detached:
+    """What an executor returns when it handed its work on (it started a pipeline run): the
+    record waits, holding no worker, until that work ends and writes its final status.
+    ``followups`` are published once the record is marked waiting."""
+
+    result: Mapping[str, Any]
+    followups: tuple[Dispatch, ...] = ()
+
+
+@dataclass
 class _Verdict:
     status: Outcome
     result: Mapping[str, Any] | None = None
     error: str | None = None
     retry_delay_s: float | None = None
+    # records to publish once the lease is released: a pipeline's next nodes
+    followups: list[Dispatch] = field(default_factory=list)
 
 
 class ExecutionGuard:
@@ -191,11 +210,13 @@ class ExecutionGuard:
         config: GuardConfig,
         *,
         publish_retry: Callable[[Dispatch, float], None],
+        publish_many: Callable[[list[Dispatch]], None] | None = None,
     ) -> None:
         self._ledger = ledger
         self._lease_for = lease_for
         self._config = config
         self._publish_retry = publish_retry
+        self._publish_many = publish_many or self._publish_each
 
     def execute(
         self, record_id: int, kind: str, executor: Executor, *, worker: str, task_id: str | None
@@ -222,6 +243,8 @@ class ExecutionGuard:
             lease.release()
         if verdict.retry_delay_s is not None and record is not None:
             self._publish_retry_of(record, verdict.retry_delay_s)
+        if verdict.followups:
+            self._publish_followups(verdict.followups)
         return verdict.status
 
     def _run(self, record: Record, executor: Executor, abort: _Abort) -> _Verdict:
@@ -238,7 +261,10 @@ class ExecutionGuard:
             return self._judge_failure(record, exc)
         if abort.reason is not None:
             # Finished, but the record was cancelled or taken over meanwhile: say so.
-            return _Verdict(abort.reason, result=result, error=f"run {abort.reason} while working")
+            outcome = result.result if isinstance(result, Detached) else result
+            return _Verdict(abort.reason, result=outcome, error=f"run {abort.reason} while working")
+        if isinstance(result, Detached):
+            return _Verdict("waiting", result=result.result, followups=list(result.followups))
         return _Verdict("succeeded", result=result)
 
     def _judge_failure(self, record: Record, exc: Exception) -> _Verdict:
@@ -264,7 +290,7 @@ class ExecutionGuard:
             record.attempt,
             policy.backoff_s,
             policy.backoff_max_s,
-            jitter=self._config.retry_jitter,
+            jitter=policy.jitter or self._config.retry_jitter,
         )
         return _Verdict("retrying", error=error, retry_delay_s=delay_s)
 
@@ -310,9 +336,28 @@ class ExecutionGuard:
                 error=verdict.error or "",
             )
         stored = bounded_result(verdict.result, self._config.max_result_bytes)
-        return self._ledger.finish(
-            record.id, record.attempt, status=verdict.status, result=stored, error=verdict.error
+        ready: list[Dispatch] = []
+        written = self._ledger.finish(
+            record.id,
+            record.attempt,
+            status=verdict.status,
+            result=stored,
+            error=verdict.error,
+            followups=ready,
         )
+        verdict.followups.extend(ready)
+        return written
+
+    def _publish_each(self, dispatches: list[Dispatch]) -> None:
+        for dispatch in dispatches:
+            self._publish_retry(dispatch, 0.0)
+
+    def _publish_followups(self, dispatches: list[Dispatch]) -> None:
+        try:
+            self._publish_many(dispatches)
+        except Exception as exc:
+            # They are recorded pending: the sweeper publishes them after the grace.
+            log.warning("publishing %d follow-up(s) failed: %s", len(dispatches), exc)
 
     def _publish_retry_of(self, record: Record, delay_s: float) -> None:
         # The record already says where its messages go: no database call here.

@@ -63,10 +63,17 @@ KINDS: dict[str, Kind] = {
             "gathering_tasks.work:check_call_api",
             "make an HTTP call through the guarded client",
         ),
+        Kind(
+            "pipeline_node",
+            "gathering.pipeline_node",
+            "gathering_tasks.work:execute_node",
+            None,
+            "execute one node of a pipeline run",
+        ),
     )
 }
 ACTION_TYPES: tuple[str, ...] = tuple(name for name, kind in KINDS.items() if kind.is_action)
-EXECUTION_KINDS: tuple[str, ...] = (*KINDS, "pipeline_node")
+EXECUTION_KINDS: tuple[str, ...] = tuple(KINDS)
 
 
 def kind(name: str) -> Kind:

@@ -39,7 +39,7 @@ def publish(
                 kind(dispatch.kind).task_name,
                 args=[dispatch.record_id],
                 producer=producer,
-                countdown=countdown_s or None,
+                countdown=max(countdown_s, dispatch.countdown_s) or None,
                 add_to_parent=False,
                 **message_options(dispatch, default_queue),
             )

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     max_config_bytes: int = Field(default=64 * 1024, ge=1024)
     max_result_bytes: int = Field(default=16 * 1024, ge=256)
 
+    # Pipelines
+    pipeline_max_nodes: int = Field(default=1000, ge=1)
+    pipeline_max_map_items: int = Field(default=1000, ge=1)
+
     # HTTP skill
     http_allow_networks: CsvList = Field(default_factory=list)
     http_allow_hosts: CsvList = Field(default_factory=list)

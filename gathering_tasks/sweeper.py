@@ -5,6 +5,7 @@
   died) go back to ``pending`` within their retry policy, or end ``failed``/``timed_out``.
   A stale heartbeat with a live lease is a worker cut off from the database: left alone.
 * Finished records older than the retention are pruned in bounded batches.
+* Pipeline runs past their timeout end ``timed_out``.
 
 Every write is fenced (attempt, and the heartbeat still stale), so a worker that was only
 slow keeps its record. Times come from the database clock.
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from gathering_tasks.db.ledger import Dispatch
+from gathering_tasks.db.pipelines import PipelineStore
 from gathering_tasks.db.sweeps import StaleRecord, Sweeps
 from gathering_tasks.keys import SWEEP_LIMIT
 from gathering_tasks.policy import lost_record_decision
@@ -35,9 +37,11 @@ class Sweeper:
         *,
         lease_alive: Callable[[int], bool],
         publish: Callable[[list[Dispatch]], int],
+        pipelines: PipelineStore | None = None,
     ) -> None:
         self.settings = settings
         self.sweeps = sweeps
+        self.pipelines = pipelines
         self.lease_alive = lease_alive
         self.publish = publish
 
@@ -57,10 +61,21 @@ class Sweeper:
             recovered = self._recover(stale, now, stale_before)
             dispatches += [recovered] if recovered else []
         self.prune(now)
+        self.expire_pipelines(now)
         if not dispatches:
             return 0
         log.warning("sweeper re-publishing %d run(s)", len(dispatches))
         return self.publish(dispatches)
+
+    def expire_pipelines(self, now: datetime) -> int:
+        """Pipeline runs past their timeout end ``timed_out``; their running nodes are told."""
+        if self.pipelines is None:
+            return 0
+        overdue = self.pipelines.overdue_runs(now, limit=SWEEP_LIMIT)
+        for run_id in overdue:
+            self.pipelines.cancel_run(run_id, now=now, status="timed_out")
+            log.warning("pipeline run timed out", extra={"pipeline_run_id": run_id})
+        return len(overdue)
 
     def prune(self, now: datetime) -> int:
         if not self.settings.retention_days:
@@ -87,7 +102,9 @@ class Sweeper:
                 stale_before=stale_before,
             )
         error = "run exceeded its time limit" if decision == "timed_out" else "worker lost"
-        self.sweeps.end_lost(
+        ready = self.sweeps.end_lost(
             stale.record_id, stale.attempt, status=decision, error=error, stale_before=stale_before
         )
+        if ready:
+            self.publish(ready)
         return None

@@ -17,8 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from gathering_tasks import runtime
 from gathering_tasks.app import app
 from gathering_tasks.db.ledger import Record
-from gathering_tasks.errors import InvalidInput, NotAvailable, PermanentFailure
+from gathering_tasks.errors import InvalidInput, PermanentFailure
+from gathering_tasks.guard import Detached
 from gathering_tasks.handlers import get_handler
+from gathering_tasks.pipelines import executor as pipelines
 from gathering_tasks.skills import executors as skill_calls
 from gathering_tasks.skills.http_spec import parse_call_api_config
 from gathering_tasks.skills.notification_config import parse_notification_config
@@ -114,11 +116,14 @@ def execute_run_task(record: Record, _abort: threading.Event) -> Mapping[str, An
     return value if isinstance(value, Mapping) else {"value": value}
 
 
-def execute_pipeline(record: Record, _abort: threading.Event) -> Mapping[str, Any] | None:
-    raise NotAvailable(
-        f"pipeline execution is not available in this release (pipeline "
-        f"{record.config.get('pipeline')!r}); the run is failed, not faked"
-    )
+def execute_pipeline(record: Record, abort: threading.Event) -> Mapping[str, Any] | Detached:
+    """Start the pipeline run of this record; the record waits for its end."""
+    return pipelines.start_pipeline(runtime.repository().pipelines, record, abort)
+
+
+def execute_node(record: Record, abort: threading.Event) -> Mapping[str, Any] | None:
+    """One node of a pipeline run, through the same skills as scheduled actions."""
+    return pipelines.execute_node(runtime.repository().pipelines, record, abort, skills=NODE_SKILLS)
 
 
 def execute_call_api(record: Record, _abort: threading.Event) -> Mapping[str, Any] | None:
@@ -129,3 +134,10 @@ def execute_notification(record: Record, _abort: threading.Event) -> Mapping[str
     return skill_calls.send_notification(
         record.config, record.idempotency_key, context=message_context(record)
     )
+
+
+NODE_SKILLS: dict[str, pipelines.Skill] = {
+    "run_task": execute_run_task,
+    "call_api": execute_call_api,
+    "send_notification": execute_notification,
+}

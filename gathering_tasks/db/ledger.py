@@ -11,13 +11,13 @@ PostgreSQL and SQLite, and ``gathering_tasks.db.memory.MemoryLedger`` in memory.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from gathering_tasks.db.models import Execution, ScheduledAction
 from gathering_tasks.db.sql import Sql
@@ -34,6 +34,7 @@ class RetryPolicy:
     max_attempts: int
     backoff_s: float
     backoff_max_s: float
+    jitter: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class Record:
     trigger: str
     action_id: int | None = None
     scheduled_for: datetime | None = None
+    pipeline_run_id: int | None = None
+    node_id: str | None = None
 
     @property
     def name(self) -> str:
@@ -64,6 +67,7 @@ class Record:
             max_attempts=int(d.get("retry_max_attempts", 1)),
             backoff_s=float(d.get("retry_backoff_s", 0.0)),
             backoff_max_s=float(d.get("retry_backoff_max_s", 0.0)),
+            jitter=float(d.get("retry_jitter") or 0.0),
         )
 
     @property
@@ -90,6 +94,7 @@ class Dispatch:
     queue: str | None = None
     priority: int | None = None
     timeout_s: int | None = None
+    countdown_s: float = 0.0  # not before this many seconds (a delay node's countdown)
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ class LedgerPort(Protocol):
         status: str,
         result: dict[str, Any] | None = None,
         error: str | None = None,
+        followups: list[Dispatch] | None = None,
     ) -> bool: ...
 
     def schedule_retry(
@@ -161,8 +167,19 @@ def record_to_dict(row: Execution) -> dict[str, Any]:
     return out
 
 
+Advance = Callable[[Session, int], list[Dispatch]]
+
+
 class SqlLedger(Sql):
-    """:class:`LedgerPort` on PostgreSQL and SQLite, plus the operators' reads of runs."""
+    """:class:`LedgerPort` on PostgreSQL and SQLite, plus the operators' reads of runs.
+
+    ``advance(session, record_id)``, when given, runs in the transaction that records a
+    final outcome and returns the records that became ready (a pipeline's next nodes).
+    """
+
+    def __init__(self, factory: sessionmaker[Session], *, advance: Advance | None = None) -> None:
+        super().__init__(factory)
+        self.advance = advance
 
     def start(
         self, record_id: int, *, kind: str, worker: str, task_id: str | None
@@ -176,13 +193,12 @@ class SqlLedger(Sql):
                 e.kind == kind,
                 # Cancelled while it ran (and then requeued): it never starts again.
                 e.cancel_requested_at.is_(None),
+                e.status.in_(("pending", "retrying")),
+                # A retry waits out its backoff, a delay node its countdown: an early copy
+                # of the message is dropped.
                 or_(
-                    e.status == "pending",
-                    # A retry waits out its backoff: an early copy of the message is dropped.
-                    and_(
-                        e.status == "retrying",
-                        e.retry_at <= self.now(timedelta(seconds=RETRY_CLOCK_SKEW_S)),
-                    ),
+                    e.retry_at.is_(None),
+                    e.retry_at <= self.now(timedelta(seconds=RETRY_CLOCK_SKEW_S)),
                 ),
             )
             .values(
@@ -205,6 +221,8 @@ class SqlLedger(Sql):
                 e.trigger,
                 e.action_id,
                 e.scheduled_for,
+                e.pipeline_run_id,
+                e.node_id,
             )
         )
         with self.write_tx() as session:
@@ -220,6 +238,8 @@ class SqlLedger(Sql):
                 trigger=row.trigger,
                 action_id=row.action_id,
                 scheduled_for=row.scheduled_for,
+                pipeline_run_id=row.pipeline_run_id,
+                node_id=row.node_id,
             )
 
     def heartbeat(self, record_id: int, attempt: int) -> Pulse:
@@ -245,18 +265,30 @@ class SqlLedger(Sql):
         status: str,
         result: dict[str, Any] | None = None,
         error: str | None = None,
+        followups: list[Dispatch] | None = None,
     ) -> bool:
-        """Close an attempt with a final ``status``. False: the attempt was taken over."""
+        """Close an attempt with a final ``status`` (or ``waiting``: handed on to a pipeline).
+
+        False: the attempt was taken over. A pipeline node's outcome moves its pipeline on in
+        the same transaction; the records that became ready are added to ``followups``, to
+        publish after commit.
+        """
+        finished = {"finished_at": self.now()} if status in FINAL else {}
         with self.write_tx() as session:
-            return close_attempt(
+            closed = close_attempt(
                 self,
                 session,
                 record_id,
                 attempt,
                 status=status,
                 error=error,
-                values={"result": result, "finished_at": self.now()},
+                values={"result": result, **finished},
             )
+            if closed and status in FINAL and self.advance is not None:
+                ready = self.advance(session, record_id)
+                if followups is not None:
+                    followups.extend(ready)
+            return closed
 
     def schedule_retry(self, record_id: int, attempt: int, *, delay_s: float, error: str) -> bool:
         """Park a failed attempt as ``retrying`` until ``delay_s`` from now (database clock)."""
@@ -424,5 +456,8 @@ def idempotency_key(dedupe_key: str) -> str:
     scope, _, rest = dedupe_key.partition(":")
     if scope == "slot":
         return "gathering-slot-" + rest.replace(":", "-")
+    if scope == "node":
+        # node:<pipeline run>:<node id>: node ids are header-safe by validation
+        return "gathering-node-" + rest.replace(":", "-", 1)
     digest = hashlib.sha256(dedupe_key.encode()).hexdigest()[:32]
     return f"gathering-{scope}-{digest}"

@@ -26,6 +26,7 @@ from sqlalchemy.exc import OperationalError
 
 from gathering_tasks.clock import utcnow
 from gathering_tasks.db.ledger import (
+    FINAL,
     Dispatch,
     Pulse,
     Record,
@@ -92,6 +93,9 @@ class _Row:
     result: dict[str, Any] | None = None
     error: str | None = None
     attempts: list[dict[str, Any]] | None = None
+    pipeline_run_id: int | None = None
+    node_id: str | None = None
+    input: dict[str, Any] | None = None
 
 
 @dataclass
@@ -254,6 +258,8 @@ class MemoryLedger:
                 trigger=row.trigger,
                 action_id=row.action_id,
                 scheduled_for=row.scheduled_for,
+                pipeline_run_id=row.pipeline_run_id,
+                node_id=row.node_id,
             )
 
     def heartbeat(self, record_id: int, attempt: int) -> Pulse:
@@ -273,15 +279,19 @@ class MemoryLedger:
         status: str,
         result: dict[str, Any] | None = None,
         error: str | None = None,
+        followups: list[Dispatch] | None = None,
     ) -> bool:
-        """Close an attempt with a final ``status``. False: the attempt was taken over."""
+        """Close an attempt with a final ``status`` (or ``waiting``). False: taken over.
+
+        The twin holds no pipelines: ``followups`` stays as given."""
         _check(status, RUN_STATUSES, "status")
         with self._call("finish"):
             row = self._close(record_id, attempt, status=status, error=error)
             if row is None:
                 return False
             row.result = _json(result)
-            row.finished_at = self._now()
+            if status in FINAL:
+                row.finished_at = self._now()
             return True
 
     def schedule_retry(self, record_id: int, attempt: int, *, delay_s: float, error: str) -> bool:
@@ -398,11 +408,7 @@ class MemoryLedger:
 def _startable(row: _Row, now: datetime) -> bool:
     if row.cancel_requested_at is not None:
         return False  # cancelled while it ran: it never starts again
-    if row.status == "pending":
-        return True
-    # A retry waits out its backoff: an early copy of the message is dropped.
-    return (
-        row.status == "retrying"
-        and row.retry_at is not None
-        and row.retry_at <= now + timedelta(seconds=RETRY_CLOCK_SKEW_S)
-    )
+    if row.status not in ("pending", "retrying"):
+        return False
+    # A retry waits out its backoff, a delay its countdown: an early copy is dropped.
+    return row.retry_at is None or row.retry_at <= now + timedelta(seconds=RETRY_CLOCK_SKEW_S)

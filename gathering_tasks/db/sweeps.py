@@ -11,8 +11,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
-from gathering_tasks.db.ledger import FINAL, Dispatch, close_attempt, dispatch_for
+from gathering_tasks.db.ledger import FINAL, Advance, Dispatch, close_attempt, dispatch_for
 from gathering_tasks.db.models import Execution
 from gathering_tasks.db.sql import Sql
 from gathering_tasks.keys import MAX_REPUBLISH_DOUBLINGS
@@ -32,6 +33,10 @@ class StaleRecord:
 class Sweeps(Sql):
     """Recovery and retention over the whole ledger."""
 
+    def __init__(self, factory: sessionmaker[Session], *, advance: Advance | None = None) -> None:
+        super().__init__(factory)
+        self.advance = advance
+
     def stale_queued(self, now: datetime, *, grace_s: float, limit: int) -> list[Dispatch]:
         """Records queued but never started past ``grace_s`` (a publish lost after commit).
 
@@ -44,7 +49,9 @@ class Sweeps(Sql):
         stale = and_(
             e.updated_at < cutoff,
             or_(e.republish_at.is_(None), e.republish_at < now),
-            or_(e.status == "pending", and_(e.status == "retrying", e.retry_at < cutoff)),
+            e.status.in_(("pending", "retrying")),
+            # a retry's backoff or a delay's countdown still running is not a lost message
+            or_(e.retry_at.is_(None), e.retry_at < cutoff),
         )
         # The common case is "nothing stale": answer it with a plain read, and take the
         # write lock (BEGIN IMMEDIATE on SQLite) only when there is work.
@@ -131,10 +138,12 @@ class Sweeps(Sql):
 
     def end_lost(
         self, record_id: int, attempt: int, *, status: str, error: str, stale_before: datetime
-    ) -> bool:
-        """Close a lost attempt for good (``failed`` or ``timed_out``), fenced like requeue."""
+    ) -> list[Dispatch] | None:
+        """Close a lost attempt for good (``failed`` or ``timed_out``), fenced like requeue.
+
+        None when the fence refused; else what became ready (a pipeline moving on)."""
         with self.write_tx() as session:
-            return close_attempt(
+            if not close_attempt(
                 self,
                 session,
                 record_id,
@@ -143,7 +152,9 @@ class Sweeps(Sql):
                 error=error,
                 values={"finished_at": self.now()},
                 stale_before=stale_before,
-            )
+            ):
+                return None
+            return self.advance(session, record_id) if self.advance else []
 
     def prune(self, finished_before: datetime, *, limit: int) -> int:
         """Delete up to ``limit`` finished records that ended before ``finished_before``."""

@@ -19,7 +19,7 @@ from gathering_tasks.app import app
 from gathering_tasks.clock import utcnow
 from gathering_tasks.db.ledger import Dispatch, Record
 from gathering_tasks.errors import InvalidInput, PermanentFailure, TaskTimedOut
-from gathering_tasks.guard import ExecutionGuard, Executor, GuardConfig, Outcome
+from gathering_tasks.guard import Detached, ExecutionGuard, Executor, GuardConfig, Outcome
 from gathering_tasks.kinds import KINDS, resolve
 from gathering_tasks.locks import Lease
 from gathering_tasks.publish import publish
@@ -30,7 +30,7 @@ MAX_TRIGGER_KEY_CHARS = 200
 
 
 def _timed(executor: Executor) -> Executor:
-    def run(record: Record, abort: Any) -> Mapping[str, Any] | None:
+    def run(record: Record, abort: Any) -> Mapping[str, Any] | Detached | None:
         try:
             return executor(record, abort)
         except SoftTimeLimitExceeded as exc:
@@ -41,6 +41,10 @@ def _timed(executor: Executor) -> Executor:
 
 def publish_one(dispatch: Dispatch, delay_s: float = 0.0) -> None:
     publish(app, [dispatch], default_queue=runtime.settings().default_queue, countdown_s=delay_s)
+
+
+def publish_many(dispatches: list[Dispatch]) -> None:
+    publish(app, dispatches, default_queue=runtime.settings().default_queue)
 
 
 def guard() -> ExecutionGuard:
@@ -59,6 +63,7 @@ def guard() -> ExecutionGuard:
         ),
         config,
         publish_retry=publish_one,
+        publish_many=publish_many,
     )
 
 
