@@ -6,6 +6,8 @@ Exit codes: 0 ok, 1 other error, 2 invalid input (nothing was written), 3 not fo
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +22,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from gathering_tasks import runtime
 from gathering_tasks.api import ActionService, PipelineService, action_service, pipeline_service
 from gathering_tasks.db.migrate import upgrade
-from gathering_tasks.demo import DEMO_ACTIONS
+from gathering_tasks.demo import (
+    DEMO_ACTIONS,
+    DEMO_PIPELINE_ACTION,
+    DEMO_PIPELINE_NAME,
+    DEMO_SINK_PORT,
+    demo_pipeline,
+    serve_sink,
+)
 from gathering_tasks.errors import GatheringError, InvalidInput, NotFound
 
 app = typer.Typer(help="gathering-tasks: scheduled actions on Celery.", no_args_is_help=True)
@@ -350,14 +359,29 @@ def pipelines_runs(
 
 @demo_app.command("seed")
 def demo_seed() -> None:
-    """Create the demo actions (kept if they exist)."""
+    """Create the demo actions and the demo pipeline (kept if they exist)."""
     with _errors():
+        pipelines = _pipelines()
+        if DEMO_PIPELINE_NAME not in {p["name"] for p in pipelines.list_pipelines()}:
+            pipelines.create(DEMO_PIPELINE_NAME, demo_pipeline(_demo_port()))
+            typer.echo(f"created demo pipeline {DEMO_PIPELINE_NAME}")
         service = _service()
         existing = {a["name"] for a in service.list_actions()}
-        for action in DEMO_ACTIONS:
+        for action in [*DEMO_ACTIONS, DEMO_PIPELINE_ACTION]:
             if action["name"] not in existing:
                 service.create(action)
                 typer.echo(f"created demo action {action['name']}")
+
+
+def _demo_port() -> int:
+    return int(os.environ.get("GATHERING_DEMO_SINK_PORT", DEMO_SINK_PORT))
+
+
+@demo_app.command("sink")
+def demo_sink() -> None:
+    """Serve the demo pipeline's HTTP endpoints and webhook on 127.0.0.1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    serve_sink(_demo_port())
 
 
 def main() -> None:

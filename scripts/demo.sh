@@ -17,7 +17,10 @@ if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
   for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
+# The demo pipeline calls a sink on 127.0.0.1: open loopback for the demo only.
+export GATHERING_HTTP_ALLOW_NETWORKS=${GATHERING_HTTP_ALLOW_NETWORKS:-127.0.0.1/32}
+export DEMO_HOOK_SECRET=${DEMO_HOOK_SECRET:-demo-secret-not-for-production}
 gathering-tasks db upgrade
 gathering-tasks demo seed
 echo "Flower: http://127.0.0.1:${FLOWER_PORT:-5555}   (Ctrl-C stops everything)"
-exec honcho start -f Procfile worker beat flower
+exec honcho start -f Procfile worker beat flower sink

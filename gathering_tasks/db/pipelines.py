@@ -285,6 +285,10 @@ class PipelineStore(Sql):
         spec = spec_of(session, run.pipeline_id, run.pipeline_version)
         states = node_states(session, run.id)
         plan = plan_advance(spec, states)
+        if plan.final == "failed":
+            error = "node(s) failed: " + ", ".join(plan.failed_nodes)
+            self._finalize(session, run, "failed", now=now, outputs=None, error=error)
+            return []
         records: list[dict[str, Any]] = []
         for ready in plan.ready:
             definition = node_definition(pipeline, run.pipeline_version, spec, ready)
@@ -297,12 +301,9 @@ class PipelineStore(Sql):
         if plan.skip:
             # A skipped node may make others ready or skipped: look again.
             return [*inserted, *self._progress(session, run, now)]
-        if plan.final is not None:
-            error = None
-            if plan.final == "failed":
-                error = "node(s) failed: " + ", ".join(plan.failed_nodes)
+        if plan.final == "succeeded":
             outputs = sink_outputs(spec, states)
-            self._finalize(session, run, plan.final, now=now, outputs=outputs, error=error)
+            self._finalize(session, run, "succeeded", now=now, outputs=outputs, error=None)
         return inserted
 
     def _insert_records(self, session: Session, records: list[dict[str, Any]]) -> list[Dispatch]:
@@ -396,6 +397,16 @@ class PipelineStore(Sql):
                 raise NotFound(f"no pipeline run {run_id}")
             spec = spec_of(session, run.pipeline_id, run.pipeline_version)
             return spec, node_states(session, run_id), dict(run.trigger_data or {}), run.status
+
+    def record_input(self, record_id: int, attempt: int, value: dict[str, Any]) -> None:
+        """Keep what a node attempt was given (its predecessors' outputs), for the history."""
+        e = Execution
+        with self.write_tx() as session:
+            session.execute(
+                update(e)
+                .where(e.id == record_id, e.attempt == attempt, e.status == "running")
+                .values(input=value)
+            )
 
     # -- the circuit breaker ------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from gathering_tasks.db.pipelines import PipelineStore
 from gathering_tasks.errors import ExecutionAborted, InvalidInput, PermanentFailure
 from gathering_tasks.guard import Detached
 from gathering_tasks.kinds import kind, resolve
+from gathering_tasks.policy import bounded_result
 
 Skill = Callable[[Record, threading.Event], Mapping[str, Any] | None]
 
@@ -63,6 +64,7 @@ def execute_node(
     abort: threading.Event,
     *,
     skills: Mapping[str, Skill],
+    max_input_bytes: int = 16 * 1024,
 ) -> Mapping[str, Any] | None:
     """Run one node (or one map item) of a pipeline run."""
     definition = record.definition
@@ -79,7 +81,9 @@ def execute_node(
             f"node {node['id']!r}: circuit open after repeated failures, until "
             f"{open_until.isoformat()}"
         )
-    document = node_input(spec, str(record_node_id(record)), states, trigger_data)
+    document = node_input(spec, record_node_id(record), states, trigger_data)
+    given = {"inputs": document.get("inputs", {}), "index": definition.get("index")}
+    store.record_input(record.id, record.attempt, bounded_result(given, max_input_bytes) or {})
     return _RUNNERS[str(node["type"])](record, document, abort, skills)
 
 
