@@ -42,7 +42,7 @@ DEMO_ACTIONS: list[dict[str, Any]] = [
 DEMO_SINK_HOST = "127.0.0.1"
 DEMO_SINK_PORT = 8765
 # The demo webhook is signed with this environment variable's value (scripts/demo.sh sets it).
-DEMO_HOOK_SECRET_ENV = "DEMO_HOOK_SECRET"
+DEMO_HOOK_KEY_ENV = "DEMO_HOOK_KEY"
 
 
 def demo_pipeline(port: int = DEMO_SINK_PORT) -> dict[str, Any]:
@@ -76,7 +76,7 @@ def demo_pipeline(port: int = DEMO_SINK_PORT) -> dict[str, Any]:
                     "config": {
                         "channel": "webhook",
                         "url": f"{base}/hook",
-                        "secret_env": DEMO_HOOK_SECRET_ENV,
+                        "secret_env": DEMO_HOOK_KEY_ENV,
                         "title": "demo pipeline",
                         "text": "{{ nodes.inventory.output.json.items }} items at "
                         "{{ nodes.pricing.output.json.price }} each",

@@ -123,7 +123,14 @@ def execute_pipeline(record: Record, abort: threading.Event) -> Mapping[str, Any
 
 def execute_node(record: Record, abort: threading.Event) -> Mapping[str, Any] | None:
     """One node of a pipeline run, through the same skills as scheduled actions."""
-    return pipelines.execute_node(runtime.repository().pipelines, record, abort, skills=NODE_SKILLS)
+    return pipelines.execute_node(
+        runtime.repository().pipelines,
+        record,
+        abort,
+        skills=NODE_SKILLS,
+        task_allowed=task_allowed,
+        max_input_bytes=runtime.settings().max_result_bytes,
+    )
 
 
 def execute_call_api(record: Record, _abort: threading.Event) -> Mapping[str, Any] | None:

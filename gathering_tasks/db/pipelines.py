@@ -44,7 +44,7 @@ from gathering_tasks.pipelines.planner import advance as plan_advance
 log = logging.getLogger(__name__)
 
 FAILED = ("failed", "timed_out")
-_SPECS: dict[tuple[int, int], PipelineSpec] = {}
+_SPECS: dict[tuple[str, int, int], PipelineSpec] = {}
 MAX_CACHED_SPECS = 256
 
 
@@ -79,8 +79,9 @@ def run_to_dict(row: PipelineRun) -> dict[str, Any]:
 
 
 def spec_of(session: Session, pipeline_id: int, version: int) -> PipelineSpec:
-    """The parsed definition of one version (versions are immutable: cached per process)."""
-    key = (pipeline_id, version)
+    """The parsed definition of one version (versions are immutable: cached per process,
+    per database)."""
+    key = (str(session.get_bind().url), pipeline_id, version)
     spec = _SPECS.get(key)
     if spec is None:
         definition = session.execute(
@@ -455,9 +456,10 @@ def _node_rows(session: Session, run_id: int) -> list[dict[str, Any]]:
             e.started_at,
             e.finished_at,
             e.error,
-            e.result,
+            e.result.label("output"),
             e.input,
             e.attempts,
+            e.idempotency_key,
         )
         .where(e.pipeline_run_id == run_id)
         .order_by(e.id)

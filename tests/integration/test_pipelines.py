@@ -1,0 +1,402 @@
+"""Pipelines through the store, the planner and the guard, on both databases.
+
+A pipeline's nodes are ledger records run by the guard; here one in-process "worker" drains
+the published records in order (no Celery, no sleeps), so every interleaving is exact. Real
+worker processes run pipelines in tests/acceptance/test_pipelines_distributed.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, deque
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pytest_httpserver import HTTPServer
+
+from gathering_tasks.api import ActionService, PipelineService
+from gathering_tasks.db.ledger import Dispatch, Record
+from gathering_tasks.db.repo import Repository
+from gathering_tasks.errors import InvalidInput, NotFound
+from gathering_tasks.guard import ExecutionGuard
+from gathering_tasks.pipelines import executor
+from gathering_tasks.settings import Settings, get_settings
+from gathering_tasks.work import NODE_SKILLS
+from tests.factories import make_guard
+
+Abort = threading.Event
+
+
+class Drain:
+    """One worker that executes published records until none is left."""
+
+    def __init__(self, repo: Repository, settings: Settings) -> None:
+        self.repo = repo
+        self.queue: deque[Dispatch] = deque()
+        self.executed: list[str] = []
+        self.guard: ExecutionGuard = make_guard(
+            repo, settings, on_publish=lambda d, _delay: self.queue.append(d)
+        )
+        # the sink make_guard also fills is not used: on_publish feeds the queue
+
+    def publish(self, dispatches: list[Dispatch]) -> None:
+        self.queue.extend(dispatches)
+
+    def run(self, limit: int = 5000) -> None:
+        steps = 0
+        while self.queue and steps < limit:
+            dispatch = self.queue.popleft()
+            steps += 1
+            self.guard.execute(
+                dispatch.record_id,
+                dispatch.kind,
+                self._executor(dispatch.kind),
+                worker="w",
+                task_id=None,
+            )
+
+    def _executor(self, kind: str) -> Any:
+        store = self.repo.pipelines
+        if kind == "pipeline_node":
+
+            def node(record: Record, abort: Abort) -> Any:
+                self.executed.append(str(record.node_id))
+                return executor.execute_node(
+                    store, record, abort, skills=NODE_SKILLS, task_allowed=lambda _n: True
+                )
+
+            return node
+        return lambda record, abort: executor.start_pipeline(store, record, abort)
+
+
+@pytest.fixture
+def pipelines(repo: Repository, settings: Settings) -> PipelineService:
+    return PipelineService(repo, settings, task_allowed=lambda _n: True)
+
+
+@pytest.fixture
+def drain(repo: Repository, settings: Settings) -> Drain:
+    return Drain(repo, settings)
+
+
+def run(
+    pipelines: PipelineService, drain: Drain, name: str, data: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Start a run, drain it, return the run with its nodes."""
+    service = PipelineService(
+        pipelines.repo, pipelines.settings, task_allowed=lambda _n: True, publish=drain.publish
+    )
+    run_id = service.run(name, data or {})
+    drain.run()
+    return service.get_run(run_id)
+
+
+def add(a: str, b: str) -> dict[str, Any]:
+    return {
+        "action_type": "run_task",
+        "config": {"task": "demo.add", "args": [a, b]},
+    }
+
+
+def nodes_of(run_: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {node["node_id"]: node for node in run_["nodes"]}
+
+
+DIAMOND = {
+    "nodes": [
+        {"id": "start", "type": "trigger"},
+        {"id": "left", "type": "action", "config": add("{{ trigger.x }}", 1)},
+        {"id": "right", "type": "action", "config": add("{{ trigger.x }}", 2)},
+        {"id": "both", "type": "join"},
+        {
+            "id": "total",
+            "type": "action",
+            "config": add("{{ nodes.left.output.sum }}", "{{ nodes.right.output.sum }}"),
+        },
+    ],
+    "edges": [
+        {"from": "start", "to": "left"},
+        {"from": "start", "to": "right"},
+        {"from": "left", "to": "both"},
+        {"from": "right", "to": "both"},
+        {"from": "both", "to": "total"},
+    ],
+}
+
+
+def test_a_diamond_runs_each_node_once_and_passes_outputs_on(
+    pipelines: PipelineService, drain: Drain
+):
+    # Given a diamond: trigger -> two branches -> join -> a node using both outputs
+    pipelines.create("diamond", DIAMOND)
+    # When it runs with x = 10
+    result = run(pipelines, drain, "diamond", {"x": 10})
+    # Then every node ran once, in dependency order, and the outputs flowed through
+    assert result["status"] == "succeeded"
+    assert Counter(drain.executed) == Counter(
+        {n: 1 for n in ("start", "left", "right", "both", "total")}
+    )
+    nodes = nodes_of(result)
+    assert nodes["total"]["output"] == {"sum": 23}
+    assert result["outputs"] == {"total": {"sum": 23}}
+    # And each node's record keeps what it was given and its idempotency key
+    assert nodes["total"]["input"]["inputs"] == {"both": nodes["both"]["output"]}
+    assert {n["attempt"] for n in result["nodes"]} == {1}
+
+
+def test_a_false_condition_skips_its_branch_and_what_only_it_reaches(
+    pipelines: PipelineService, drain: Drain
+):
+    # Given a condition whose true branch leads to "big" and false branch to "small",
+    # each followed by a node only that branch reaches, and a final node both reach
+    pipelines.create(
+        "branch",
+        {
+            "nodes": [
+                {"id": "start", "type": "trigger"},
+                {"id": "check", "type": "condition", "config": {"expression": "trigger.x > `5`"}},
+                {"id": "big", "type": "action", "config": add(1, 1)},
+                {"id": "big-after", "type": "action", "config": add(2, 2)},
+                {"id": "small", "type": "action", "config": add(3, 3)},
+                {"id": "end", "type": "join", "config": {"policy": "any"}},
+            ],
+            "edges": [
+                {"from": "start", "to": "check"},
+                {"from": "check", "to": "big", "branch": "true"},
+                {"from": "big", "to": "big-after"},
+                {"from": "check", "to": "small", "branch": "false"},
+                {"from": "big-after", "to": "end"},
+                {"from": "small", "to": "end"},
+            ],
+        },
+    )
+    # When it runs with a small x
+    result = run(pipelines, drain, "branch", {"x": 1})
+    # Then the true branch and the node only it reaches are recorded skipped; the rest ran
+    statuses = {n["node_id"]: n["status"] for n in result["nodes"]}
+    assert statuses == {
+        "start": "succeeded",
+        "check": "succeeded",
+        "big": "skipped",
+        "big-after": "skipped",
+        "small": "succeeded",
+        "end": "succeeded",
+    }
+    assert result["status"] == "succeeded"
+    assert "big" not in drain.executed
+
+
+def test_a_map_fans_out_one_record_per_item_and_the_join_gathers_them(
+    pipelines: PipelineService, drain: Drain
+):
+    # Given a map over the trigger's list, each item added to 100, gathered by a join
+    pipelines.create(
+        "mapped",
+        {
+            "nodes": [
+                {"id": "start", "type": "trigger"},
+                {
+                    "id": "each",
+                    "type": "map",
+                    "config": {
+                        "source": "{{ nodes.start.output.items }}",
+                        "action": add("{{ item }}", 100),
+                    },
+                },
+                {"id": "gather", "type": "join"},
+            ],
+            "edges": [{"from": "start", "to": "each"}, {"from": "each", "to": "gather"}],
+        },
+    )
+    # When it runs over 25 items
+    result = run(pipelines, drain, "mapped", {"items": list(range(25))})
+    # Then each item was one record, run once, and the join saw every result in order
+    assert result["status"] == "succeeded"
+    children = [n for n in result["nodes"] if n["node_id"].startswith("each[")]
+    assert len(children) == 25 and {c["status"] for c in children} == {"succeeded"}
+    assert Counter(drain.executed)["each[3]"] == 1
+    gathered = nodes_of(result)["gather"]["output"]["each"]
+    assert [r["sum"] for r in gathered["results"]] == [i + 100 for i in range(25)]
+
+
+def test_a_failing_node_retries_then_fails_the_run_with_its_error(
+    pipelines: PipelineService, drain: Drain
+):
+    # Given a node that always fails, with two attempts and no backoff, and a node after it
+    pipelines.create(
+        "failing",
+        {
+            "nodes": [
+                {"id": "start", "type": "trigger"},
+                {
+                    "id": "boom",
+                    "type": "action",
+                    "config": {"action_type": "run_task", "config": {"task": "demo.fail"}},
+                    "retry": {"max_attempts": 2, "backoff_s": 0, "jitter": 0},
+                },
+                {"id": "after", "type": "action", "config": add(1, 1)},
+            ],
+            "edges": [{"from": "start", "to": "boom"}, {"from": "boom", "to": "after"}],
+        },
+    )
+    # When it runs
+    result = run(pipelines, drain, "failing")
+    # Then the node was attempted twice, the run failed naming it, and nothing ran after it
+    boom = nodes_of(result)["boom"]
+    assert (boom["status"], boom["attempt"]) == ("failed", 2)
+    assert [a["status"] for a in boom["attempts"]] == ["retrying", "failed"]
+    assert "this handler always fails" in boom["error"]
+    assert result["status"] == "failed" and "boom" in result["error"]
+    assert "after" not in nodes_of(result)
+
+
+def test_a_template_that_does_not_resolve_fails_the_node_naming_the_path(
+    pipelines: PipelineService, drain: Drain
+):
+    pipelines.create(
+        "unresolved",
+        {
+            "nodes": [
+                {"id": "start", "type": "trigger"},
+                {"id": "use", "type": "action", "config": add("{{ trigger.missing.deep }}", 1)},
+            ],
+            "edges": [{"from": "start", "to": "use"}],
+        },
+    )
+    result = run(pipelines, drain, "unresolved", {"present": 1})
+    use = nodes_of(result)["use"]
+    assert use["status"] == "failed"
+    assert "'use'" in use["error"] and "missing" in use["error"]
+
+
+def test_cancel_stops_the_queued_nodes_of_a_run(pipelines: PipelineService, drain: Drain):
+    # Given a started diamond whose nodes are queued but not run
+    pipelines.create("to-cancel", DIAMOND)
+    service = PipelineService(
+        pipelines.repo, pipelines.settings, task_allowed=lambda _n: True, publish=drain.publish
+    )
+    run_id = service.run("to-cancel", {"x": 1})
+    # When it is cancelled, then its queued messages are delivered
+    assert service.cancel(run_id) == "cancelled"
+    drain.run()
+    # Then nothing ran and every queued node ended cancelled
+    result = service.get_run(run_id)
+    assert result["status"] == "cancelled"
+    assert drain.executed == []
+    assert {n["status"] for n in result["nodes"]} == {"cancelled"}
+
+
+def test_a_scheduled_execute_pipeline_action_mirrors_the_pipeline_outcome(
+    repo: Repository, settings: Settings, pipelines: PipelineService, drain: Drain
+):
+    # Given the diamond, and an execute_pipeline action triggered by hand
+    pipelines.create("diamond", DIAMOND)
+    actions = ActionService(
+        repo, settings, task_allowed=lambda _n: True, publish=drain.queue.append
+    )
+    actions.create(
+        {
+            "name": "nightly-diamond",
+            "action_type": "execute_pipeline",
+            "config": {"pipeline": "diamond", "inputs": {"x": 1}},
+            "schedule": {"kind": "interval", "every_s": 3600},
+        }
+    )
+    record_id = actions.trigger("nightly-diamond")
+    # When the action's record and then the nodes run
+    drain.run()
+    # Then the action's run waited for the pipeline (holding no worker) and ended as it did
+    action_run = actions.get_run(record_id)
+    assert action_run["status"] == "succeeded"
+    run_id = action_run["result"]["pipeline_run_id"]
+    pipeline_run = pipelines.get_run(run_id)
+    assert pipeline_run["status"] == "succeeded" and pipeline_run["action_run_id"] == record_id
+    assert action_run["result"]["outputs"] == pipeline_run["outputs"]
+
+
+def test_an_edit_makes_a_new_version_and_a_run_keeps_its_own(
+    pipelines: PipelineService, drain: Drain
+):
+    pipelines.create("versioned", DIAMOND)
+    service = PipelineService(
+        pipelines.repo, pipelines.settings, task_allowed=lambda _n: True, publish=drain.publish
+    )
+    first = service.run("versioned", {"x": 1})
+    # When the pipeline is edited while that run is queued
+    smaller = {"nodes": DIAMOND["nodes"][:2], "edges": DIAMOND["edges"][:1]}
+    assert service.update("versioned", smaller)["version"] == 2
+    drain.run()
+    # Then the started run finished on version 1's five nodes, a new one uses version 2
+    assert {v["version"] for v in service.versions("versioned")} == {1, 2}
+    assert service.get_run(first)["pipeline_version"] == 1
+    assert len(service.get_run(first)["nodes"]) == 5
+    second = service.run("versioned", {"x": 1})
+    drain.run()
+    assert len(service.get_run(second)["nodes"]) == 2
+
+
+def test_a_run_key_starts_one_run(pipelines: PipelineService, drain: Drain):
+    pipelines.create("keyed", DIAMOND)
+    first = pipelines.run("keyed", {"x": 1}, key="order-7")
+    assert pipelines.run("keyed", {"x": 1}, key="order-7") == first
+    assert pipelines.run("keyed", {"x": 1}) != first
+
+
+def test_invalid_definitions_are_refused_with_every_error(pipelines: PipelineService):
+    with pytest.raises(InvalidInput) as info:
+        pipelines.create(
+            "broken",
+            {
+                "nodes": [
+                    {"id": "start", "type": "trigger"},
+                    {"id": "a", "type": "teleport"},
+                    {"id": "b", "type": "action", "config": {"action_type": "execute_pipeline"}},
+                ],
+                "edges": [{"from": "start", "to": "ghost"}, {"from": "b", "to": "b"}],
+            },
+        )
+    text = str(info.value)
+    for piece in ("'a'", "'b'", "ghost"):
+        assert piece in text
+    assert pipelines.list_pipelines() == []
+    with pytest.raises(NotFound):
+        pipelines.run("broken")
+
+
+@pytest.fixture
+def loopback_allowed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # the node skills read the process settings: open loopback for the local server
+    monkeypatch.setenv("GATHERING_HTTP_ALLOW_NETWORKS", "127.0.0.1/32")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_action_nodes_call_the_real_skills_with_the_node_idempotency_key(
+    pipelines: PipelineService, drain: Drain, server: HTTPServer, loopback_allowed: None
+):
+    # Given a node calling a local HTTP server with a value from the trigger
+    server.expect_request("/orders/7").respond_with_json({"total": 12})
+    url = server.url_for("/orders/{{ trigger.order }}")
+    pipelines.create(
+        "http",
+        {
+            "nodes": [
+                {"id": "start", "type": "trigger"},
+                {
+                    "id": "fetch",
+                    "type": "action",
+                    "config": {"action_type": "call_api", "config": {"method": "GET", "url": url}},
+                },
+            ],
+            "edges": [{"from": "start", "to": "fetch"}],
+        },
+    )
+    # When it runs
+    result = run(pipelines, drain, "http", {"order": 7})
+    # Then the call went out with the node's key, and its answer is the node's output
+    fetch = nodes_of(result)["fetch"]
+    assert fetch["status"] == "succeeded" and fetch["output"]["json"] == {"total": 12}
+    (request, _response) = server.log[0]
+    assert request.headers["Idempotency-Key"] == f"gathering-node-{result['id']}-fetch"
