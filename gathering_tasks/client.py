@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery
 
 TRIGGER_ACTION = "gathering.trigger_action"
+RUN_PIPELINE = "gathering.run_pipeline"
 DEFAULT_QUEUE = "gathering"
 
 
@@ -34,6 +35,17 @@ class GatheringClient:
     def trigger(self, action_name: str) -> str:
         """Run ``action_name`` now (trigger ``api``). Returns the Celery task id."""
         return self.send(TRIGGER_ACTION, action_name)
+
+    def run_pipeline(
+        self, pipeline_name: str, data: dict[str, Any] | None = None, *, key: str | None = None
+    ) -> str:
+        """Start a run of ``pipeline_name`` with ``data``. Returns the Celery task id.
+
+        With ``key``, a repeated call starts no second run."""
+        result = self._app.send_task(
+            RUN_PIPELINE, args=[pipeline_name, data or {}], kwargs={"key": key}, queue=self._queue
+        )
+        return str(result.id)
 
     def send(self, task_name: str, *args: Any) -> str:
         """Publish any ``gathering.*`` task by name with JSON arguments."""

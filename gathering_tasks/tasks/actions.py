@@ -90,6 +90,16 @@ def _register(kind_name: str) -> Any:
 TASKS: dict[str, Any] = {name: _register(name) for name in KINDS}
 
 
+def _dedupe_key(key: Any, message_id: Any) -> str:
+    dedupe = key if key is not None else message_id
+    if not isinstance(dedupe, str) or not dedupe or len(dedupe) > MAX_TRIGGER_KEY_CHARS:
+        raise InvalidInput(
+            f"must be a non-empty string of at most {MAX_TRIGGER_KEY_CHARS} characters",
+            field="key",
+        )
+    return dedupe
+
+
 def _trigger_action(self: Task, action_name: Any, key: Any = None) -> int:
     """Entry point for other services: run ``action_name`` now (trigger ``api``).
 
@@ -98,12 +108,7 @@ def _trigger_action(self: Task, action_name: Any, key: Any = None) -> int:
     """
     if not isinstance(action_name, str):
         raise PermanentFailure("payload must be an action name (string)")
-    dedupe = key if key is not None else self.request.id
-    if not isinstance(dedupe, str) or not dedupe or len(dedupe) > MAX_TRIGGER_KEY_CHARS:
-        raise InvalidInput(
-            f"must be a non-empty string of at most {MAX_TRIGGER_KEY_CHARS} characters",
-            field="key",
-        )
+    dedupe = _dedupe_key(key, self.request.id)
     dispatch, status = runtime.repository().claims.trigger(
         action_name, now=utcnow(), trigger="api", key=dedupe
     )
@@ -118,6 +123,31 @@ def _trigger_action(self: Task, action_name: Any, key: Any = None) -> int:
 
 
 trigger_action: Any = app.task(name="gathering.trigger_action", bind=True)(_trigger_action)
+
+
+def _run_pipeline(self: Task, pipeline_name: Any, data: Any = None, key: Any = None) -> int:
+    """Entry point for other services: start a run of ``pipeline_name`` with ``data``.
+
+    Deduplicated like ``trigger_action``: on ``key``, or else on the message id."""
+    if not isinstance(pipeline_name, str):
+        raise PermanentFailure("payload must be a pipeline name (string)")
+    if data is not None and not isinstance(data, dict):
+        raise InvalidInput("must be a JSON object", field="data")
+    dedupe = _dedupe_key(key, self.request.id)
+    started = runtime.repository().pipelines.start_run(
+        pipeline_name, data=dict(data or {}), dedupe_key=f"api:{dedupe}", now=utcnow()
+    )
+    if started.dispatches:
+        publish_many(started.dispatches)
+    log.info(
+        "pipeline %s started by another service",
+        pipeline_name,
+        extra={"pipeline_run_id": started.run_id},
+    )
+    return started.run_id
+
+
+run_pipeline: Any = app.task(name="gathering.run_pipeline", bind=True)(_run_pipeline)
 run_task = TASKS["run_task"]
 execute_pipeline = TASKS["execute_pipeline"]
 send_notification = TASKS["send_notification"]
