@@ -81,7 +81,7 @@ def run_to_dict(row: PipelineRun) -> dict[str, Any]:
 def spec_of(session: Session, pipeline_id: int, version: int) -> PipelineSpec:
     """The parsed definition of one version (versions are immutable: cached per process,
     per database)."""
-    key = (str(session.get_bind().url), pipeline_id, version)
+    key = (str(session.get_bind().engine.url), pipeline_id, version)
     spec = _SPECS.get(key)
     if spec is None:
         definition = session.execute(
