@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -11,6 +13,8 @@ from pytest_httpserver import HTTPServer
 from gathering_tasks.app import celery_config
 from gathering_tasks.settings import Settings
 from tests.servers import serving_http
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +38,11 @@ def celery_app(settings: Settings) -> Iterator[Celery]:
     app.conf.update(celery_config(settings))
     yield app
     app.close()
+
+
+@pytest.fixture
+def cli_env(db_url: str, redis_url: str) -> dict[str, str]:
+    """The environment of a CLI subprocess on the test's database and Redis."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATHERING_")}
+    env.update(GATHERING_DATABASE_URL=db_url, GATHERING_REDIS_URL=redis_url, PYTHONPATH=str(ROOT))
+    return env

@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.cli_runner import cli
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def cli_env(db_url: str, redis_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATHERING_")}
-    env.update(GATHERING_DATABASE_URL=db_url, GATHERING_REDIS_URL=redis_url, PYTHONPATH=str(ROOT))
-    return env
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gathering_tasks.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_add_list_pause_resume_trigger_delete(cli_env: dict[str, str]):
