@@ -11,7 +11,7 @@ PostgreSQL and SQLite, and ``gathering_tasks.db.memory.MemoryLedger`` in memory.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -167,19 +167,27 @@ def record_to_dict(row: Execution) -> dict[str, Any]:
     return out
 
 
-Advance = Callable[[Session, int], list[Dispatch]]
+class Progress(Protocol):
+    """What the ledger asks of pipelines when a record's outcome is written."""
+
+    def lock_run_of(self, session: Session, record_id: int) -> int | None:
+        """Lock the pipeline run of a node record (before the record's row): its id."""
+
+    def advance_record(self, session: Session, record_id: int) -> list[Dispatch]:
+        """After a node's final outcome: the records that became ready."""
 
 
 class SqlLedger(Sql):
     """:class:`LedgerPort` on PostgreSQL and SQLite, plus the operators' reads of runs.
 
-    ``advance(session, record_id)``, when given, runs in the transaction that records a
-    final outcome and returns the records that became ready (a pipeline's next nodes).
+    ``progress``, when given, moves a pipeline on in the transaction that records one of
+    its nodes' final outcome: the run's row is locked first (always run, then node: the order
+    every writer of both takes), and the records that became ready are returned.
     """
 
-    def __init__(self, factory: sessionmaker[Session], *, advance: Advance | None = None) -> None:
+    def __init__(self, factory: sessionmaker[Session], *, progress: Progress | None = None) -> None:
         super().__init__(factory)
-        self.advance = advance
+        self.progress = progress
 
     def start(
         self, record_id: int, *, kind: str, worker: str, task_id: str | None
@@ -275,6 +283,11 @@ class SqlLedger(Sql):
         """
         finished = {"finished_at": self.now()} if status in FINAL else {}
         with self.write_tx() as session:
+            node_of_run = (
+                self.progress.lock_run_of(session, record_id)
+                if self.progress is not None and status in FINAL
+                else None
+            )
             closed = close_attempt(
                 self,
                 session,
@@ -284,8 +297,8 @@ class SqlLedger(Sql):
                 error=error,
                 values={"result": result, **finished},
             )
-            if closed and status in FINAL and self.advance is not None:
-                ready = self.advance(session, record_id)
+            if closed and node_of_run is not None and self.progress is not None:
+                ready = self.progress.advance_record(session, record_id)
                 if followups is not None:
                     followups.extend(ready)
             return closed

@@ -258,6 +258,15 @@ class PipelineStore(Sql):
             dispatches = self._progress(session, run, now)
             return Started(run.id, run.status, dispatches, run.outputs, run.error)
 
+    def lock_run_of(self, session: Session, record_id: int) -> int | None:
+        """The ledger's first hook: lock the run of a node record before its row."""
+        run_id = session.execute(
+            select(Execution.pipeline_run_id).where(Execution.id == record_id)
+        ).scalar_one_or_none()
+        if run_id is not None:
+            session.execute(self.for_update(select(PipelineRun.id).where(PipelineRun.id == run_id)))
+        return run_id
+
     def advance_record(self, session: Session, record_id: int) -> list[Dispatch]:
         """The ledger's hook: after a final outcome of ``record_id``, if it is a node of a
         pipeline run, move that run on (same transaction)."""

@@ -30,5 +30,5 @@ class Repository:
         self.actions = ActionStore(factory)
         self.claims = SlotClaims(factory)
         self.pipelines = PipelineStore(factory)
-        self.ledger = SqlLedger(factory, advance=self.pipelines.advance_record)
-        self.sweeps = Sweeps(factory, advance=self.pipelines.advance_record)
+        self.ledger = SqlLedger(factory, progress=self.pipelines)
+        self.sweeps = Sweeps(factory, progress=self.pipelines)

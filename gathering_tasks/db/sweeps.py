@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from gathering_tasks.db.ledger import FINAL, Advance, Dispatch, close_attempt, dispatch_for
+from gathering_tasks.db.ledger import FINAL, Dispatch, Progress, close_attempt, dispatch_for
 from gathering_tasks.db.models import Execution
 from gathering_tasks.db.sql import Sql
 from gathering_tasks.keys import MAX_REPUBLISH_DOUBLINGS
@@ -33,9 +33,9 @@ class StaleRecord:
 class Sweeps(Sql):
     """Recovery and retention over the whole ledger."""
 
-    def __init__(self, factory: sessionmaker[Session], *, advance: Advance | None = None) -> None:
+    def __init__(self, factory: sessionmaker[Session], *, progress: Progress | None = None) -> None:
         super().__init__(factory)
-        self.advance = advance
+        self.progress = progress
 
     def stale_queued(self, now: datetime, *, grace_s: float, limit: int) -> list[Dispatch]:
         """Records queued but never started past ``grace_s`` (a publish lost after commit).
@@ -143,6 +143,7 @@ class Sweeps(Sql):
 
         None when the fence refused; else what became ready (a pipeline moving on)."""
         with self.write_tx() as session:
+            run_id = self.progress.lock_run_of(session, record_id) if self.progress else None
             if not close_attempt(
                 self,
                 session,
@@ -154,7 +155,9 @@ class Sweeps(Sql):
                 stale_before=stale_before,
             ):
                 return None
-            return self.advance(session, record_id) if self.advance else []
+            if run_id is None or self.progress is None:
+                return []
+            return self.progress.advance_record(session, record_id)
 
     def prune(self, finished_before: datetime, *, limit: int) -> int:
         """Delete up to ``limit`` finished records that ended before ``finished_before``."""
