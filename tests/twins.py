@@ -181,6 +181,7 @@ class JournaledLedger:
         status: str,
         result: dict[str, Any] | None = None,
         error: str | None = None,
+        followups: list[Dispatch] | None = None,
     ) -> bool:
         written: bool = self._call(
             "finish",
@@ -190,6 +191,7 @@ class JournaledLedger:
             status=status,
             result=result,
             error=error,
+            followups=followups,
         )
         return written
 

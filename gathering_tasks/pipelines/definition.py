@@ -359,9 +359,18 @@ class _Condition(_Strict):
     expression: str = Field(min_length=1, max_length=4000)
 
 
+class _Circuit(_Strict):
+    """The per-node circuit breaker: fail fast for ``cooldown_s`` after ``failures``
+    consecutive failed runs of this node."""
+
+    failures: int = Field(ge=1, le=1000)
+    cooldown_s: float = Field(default=60.0, gt=0, le=86400)
+
+
 class _Call(_Strict):
     action_type: str
     config: dict[str, Any] = Field(default_factory=dict)
+    circuit: _Circuit | None = None
 
 
 class _Map(_Strict):
@@ -587,7 +596,10 @@ class _Checker:
             draft.refs.extend((ref, in_map) for ref in refs)
         elif not self._kind_check(draft, parsed.action_type, parsed.config, where):
             return None
-        return {"action_type": parsed.action_type, "config": copy.deepcopy(parsed.config)}
+        call = {"action_type": parsed.action_type, "config": copy.deepcopy(parsed.config)}
+        if parsed.circuit is not None:
+            call["circuit"] = parsed.circuit.model_dump()
+        return call
 
     def _action_type(self, draft: _Draft, action_type: str, prefix: str) -> bool:
         if action_type in NODE_ACTION_TYPES:

@@ -400,3 +400,33 @@ def test_action_nodes_call_the_real_skills_with_the_node_idempotency_key(
     assert fetch["status"] == "succeeded" and fetch["output"]["json"] == {"total": 12}
     (request, _response) = server.log[0]
     assert request.headers["Idempotency-Key"] == f"gathering-node-{result['id']}-fetch"
+
+
+def test_a_node_that_keeps_failing_opens_its_circuit_and_fails_fast(
+    pipelines: PipelineService, drain: Drain
+):
+    # Given a node that always fails, with a circuit opening after 2 failed runs
+    pipelines.create(
+        "flaky",
+        {
+            "nodes": [
+                {"id": "start", "type": "trigger"},
+                {
+                    "id": "call",
+                    "type": "action",
+                    "config": {
+                        "action_type": "run_task",
+                        "config": {"task": "demo.fail"},
+                        "circuit": {"failures": 2, "cooldown_s": 3600},
+                    },
+                },
+            ],
+            "edges": [{"from": "start", "to": "call"}],
+        },
+    )
+    # When it runs three times
+    errors = [nodes_of(run(pipelines, drain, "flaky"))["call"]["error"] for _ in range(3)]
+    # Then the first two failed doing the work, the third failed fast: the circuit was open
+    assert all("this handler always fails" in e for e in errors[:2])
+    assert "circuit open" in errors[2] and "this handler" not in errors[2]
+    assert drain.executed.count("call") == 3

@@ -81,10 +81,10 @@ def test_compose_file_is_valid_and_consistent():
     assert services["migrate"]["command"] == ["gathering-tasks", "db", "upgrade"]
 
 
-def test_procfile_has_the_four_processes():
+def test_procfile_has_the_services_and_the_demo_sink():
     lines = (ROOT / "Procfile").read_text().splitlines()
     kinds = {line.split(":", 1)[0] for line in lines if line.strip()}
-    assert kinds == {"release", "worker", "beat", "flower"}
+    assert kinds == {"release", "worker", "beat", "flower", "sink"}
     assert any("celery -A gathering_tasks beat" in line for line in lines)
 
 
