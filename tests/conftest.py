@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 
+from gathering_tasks.app import celery_config
 from gathering_tasks.db.engine import session_factory
 from gathering_tasks.db.migrate import upgrade
 from gathering_tasks.db.repo import Repository
@@ -105,3 +107,20 @@ def settings(db_url: str, redis_url: str) -> Settings:
         run_lease_ttl_s=3,
         pending_grace_s=2,
     )
+
+
+@pytest.fixture
+def celery_app(settings: Settings) -> Iterator[Celery]:
+    """A Celery app configured like ours, publishing to the test Redis."""
+    app = Celery("gathering-tests", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    """A Redis client on the test server, answering text."""
+    conn = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield conn
+    conn.close()

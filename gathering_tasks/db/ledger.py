@@ -76,6 +76,22 @@ class Record:
         return int(value) if value else None
 
 
+def record_of(record_id: int, kind: str, row: Any, definition: dict[str, Any]) -> Record:
+    """The :class:`Record` of a started row (anything with the record's columns)."""
+    return Record(
+        id=record_id,
+        kind=kind,
+        attempt=row.attempt,
+        definition=definition,
+        idempotency_key=row.idempotency_key,
+        trigger=row.trigger,
+        action_id=row.action_id,
+        scheduled_for=row.scheduled_for,
+        pipeline_run_id=row.pipeline_run_id,
+        node_id=row.node_id,
+    )
+
+
 @dataclass(frozen=True)
 class StartRefused:
     """Why a delivery may not start its record (it is dropped, the record left alone)."""
@@ -237,18 +253,7 @@ class SqlLedger(Sql):
             row = session.execute(stmt).first()
             if row is None:
                 return _refusal(session, record_id, kind)
-            return Record(
-                id=record_id,
-                kind=kind,
-                attempt=row.attempt,
-                definition=dict(row.definition),
-                idempotency_key=row.idempotency_key,
-                trigger=row.trigger,
-                action_id=row.action_id,
-                scheduled_for=row.scheduled_for,
-                pipeline_run_id=row.pipeline_run_id,
-                node_id=row.node_id,
-            )
+            return record_of(record_id, kind, row, dict(row.definition))
 
     def heartbeat(self, record_id: int, attempt: int) -> Pulse:
         """Record that the attempt's worker is alive, with the database clock."""

@@ -34,6 +34,7 @@ from gathering_tasks.db.ledger import (
     attempt_entry,
     dispatch_for,
     idempotency_key,
+    record_of,
 )
 from gathering_tasks.db.models import RUN_STATUSES, RUN_TRIGGERS, Execution
 from gathering_tasks.errors import NotFound
@@ -249,18 +250,7 @@ class MemoryLedger:
             row.started_at = row.heartbeat_at = row.updated_at = now
             row.retry_at = row.republish_at = None
             row.publish_count = 0
-            return Record(
-                id=record_id,
-                kind=kind,
-                attempt=row.attempt,
-                definition=_json(row.definition),
-                idempotency_key=row.idempotency_key,
-                trigger=row.trigger,
-                action_id=row.action_id,
-                scheduled_for=row.scheduled_for,
-                pipeline_run_id=row.pipeline_run_id,
-                node_id=row.node_id,
-            )
+            return record_of(record_id, kind, row, _json(row.definition))
 
     def heartbeat(self, record_id: int, attempt: int) -> Pulse:
         """Record that the attempt's worker is alive (with the injected clock)."""

@@ -9,7 +9,6 @@ leave their marks in Redis, never in the database.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import make_url
 
 from gathering_tasks.api import ActionService
-from gathering_tasks.app import celery_config
 from gathering_tasks.db.ledger import FINAL, Dispatch
 from gathering_tasks.db.models import Execution
 from gathering_tasks.db.repo import Repository
@@ -43,22 +41,6 @@ MARKS = "marks"
 
 
 # -- wiring --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def celery_app(settings: Settings) -> Iterator[Celery]:
-    """A Celery app configured like ours, publishing to the test Redis."""
-    app = Celery("gathering-guarantee-tests", set_as_current=False)
-    app.conf.update(celery_config(settings))
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    conn = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield conn
-    conn.close()
 
 
 @pytest.fixture

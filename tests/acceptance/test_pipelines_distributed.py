@@ -27,7 +27,6 @@ from sqlalchemy import select
 from werkzeug import Request, Response
 
 from gathering_tasks.api import PipelineService
-from gathering_tasks.app import celery_config
 from gathering_tasks.db.ledger import FINAL, Dispatch
 from gathering_tasks.db.models import Execution, PipelineRun
 from gathering_tasks.db.repo import Repository
@@ -49,22 +48,6 @@ HOOK_KEY = "diamond-test-only-not-a-real-secret"
 
 
 # -- wiring --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def celery_app(settings: Settings) -> Iterator[Celery]:
-    """A Celery app configured like ours, publishing to the test Redis."""
-    app = Celery("gathering-pipeline-tests", set_as_current=False)
-    app.conf.update(celery_config(settings))
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    conn = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield conn
-    conn.close()
 
 
 @pytest.fixture

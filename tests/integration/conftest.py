@@ -7,11 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from celery import Celery
 from pytest_httpserver import HTTPServer
 
-from gathering_tasks.app import celery_config
-from gathering_tasks.settings import Settings
 from tests.servers import serving_http
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,15 +26,6 @@ def server(_shared_server: HTTPServer) -> Iterator[HTTPServer]:
     _shared_server.clear()
     yield _shared_server
     _shared_server.clear()
-
-
-@pytest.fixture
-def celery_app(settings: Settings) -> Iterator[Celery]:
-    """A Celery app configured like ours, publishing to the test Redis."""
-    app = Celery("gathering-tests", set_as_current=False)
-    app.conf.update(celery_config(settings))
-    yield app
-    app.close()
 
 
 @pytest.fixture
