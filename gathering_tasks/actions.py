@@ -14,6 +14,11 @@ is refused here for all of them, with the path of the value (``config.headers.X-
   ``jsonb`` refuses them; a non-finite duration would only disable the action later).
 * in ``config``, anything that is not JSON (a ``datetime``, a set, bytes, a non-text key), and
   nesting deeper than :data:`MAX_CONFIG_DEPTH` (which also stops self-referring objects).
+
+``call_api`` and ``send_notification`` configs are also checked against the deployment's
+settings (:func:`gathering_tasks.skills.admission.admit`): a literal forbidden target
+(``http://169.254.169.254/``, ``localhost``) and a secret reference outside
+``GATHERING_SECRET_ENV_ALLOW`` are refused here, not at every run.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gathering_tasks.errors import InvalidInput
 from gathering_tasks.kinds import ACTION_TYPES, kind, resolve
 from gathering_tasks.schedules import MAX_CATCHUP_SLOTS, Schedule, parse_schedule
+from gathering_tasks.settings import Settings, get_settings
+from gathering_tasks.skills.admission import Admission, admit
 
 # \Z, not $: "$" also matches before a trailing newline.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}\Z")
@@ -163,8 +170,13 @@ def validate_action(
     max_config_bytes: int,
     task_allowed: Callable[[str], bool],
     max_timeout_s: int | None = None,
+    settings: Settings | None = None,
 ) -> tuple[ActionSpec, Schedule]:
-    """Check a whole action definition. Returns the spec and its parsed schedule."""
+    """Check a whole action definition. Returns the spec and its parsed schedule.
+
+    ``settings`` give the allowlists skill configs are admitted with; without them, this
+    process's settings (``GATHERING_*``) do.
+    """
     if "action_type" in data and data["action_type"] not in ACTION_TYPES:
         known = ", ".join(ACTION_TYPES)
         raise InvalidInput(
@@ -189,6 +201,7 @@ def validate_action(
         )
     try:
         resolve(str(kind(spec.action_type).config_check))(spec.config, task_allowed)
+        admit(spec.action_type, spec.config, Admission.from_settings(settings or get_settings()))
     except ValidationError as exc:
         raise _first_error(exc, "config") from exc
     except InvalidInput as exc:

@@ -23,6 +23,9 @@ from pydantic import Field, SecretStr, computed_field, field_validator, model_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gathering_tasks.db.engine import DbTimeouts
+from gathering_tasks.errors import InvalidInput
+from gathering_tasks.skills._validation import check_secret_pattern
+from gathering_tasks.skills.allowlist import AllowList
 
 DEFAULT_SQLITE_PATH = Path("var") / "gathering.db"
 
@@ -78,13 +81,25 @@ class Settings(BaseSettings):
     pipeline_max_nodes: int = Field(default=1000, ge=1)
     pipeline_max_map_items: int = Field(default=1000, ge=1)
 
-    # HTTP skill
+    # HTTP skill (what each setting opens and never opens: docs/security.md). Entries take an
+    # optional port or port range: 10.1.2.3:8443, 10.0.0.0/8:80-443, [::1]:8080,
+    # api.internal:443; an entry without a port opens every port.
     http_allow_networks: CsvList = Field(default_factory=list)
     http_allow_hosts: CsvList = Field(default_factory=list)
+    # Cloud metadata is refused whatever the lists above open; this opens one exact address.
+    http_allow_metadata_address_i_know_this_is_dangerous: str | None = None
     http_connect_timeout_s: float = Field(default=5.0, gt=0)
     http_read_timeout_s: float = Field(default=30.0, gt=0)
     http_max_response_bytes: int = Field(default=1024 * 1024, ge=1024)
-    http_max_attempts: int = Field(default=3, ge=1, le=10)
+    # Requests one call may send within one run attempt (the client's own retries). The run's
+    # attempts (an action's retry_max_attempts) are the retries by default: a run sends at
+    # most retry_max_attempts x http_max_attempts requests (plus redirect hops).
+    http_max_attempts: int = Field(default=1, ge=1, le=10)
+
+    # Secrets by reference (token_env, secret_env, env:NAME, ...): only environment variables
+    # whose names match one of these fnmatch patterns (HOOK_*,SLACK_*); none by default, and
+    # never GATHERING_*.
+    secret_env_allow: CsvList = Field(default_factory=list)
 
     # Notifications (SMTP); webhook secrets are referenced from action configs as env:NAME
     smtp_host: str | None = None
@@ -97,14 +112,42 @@ class Settings(BaseSettings):
     # Demo
     demo: bool = False
 
-    @field_validator("run_task_allowlist", "http_allow_networks", "http_allow_hosts", mode="before")
+    @field_validator(
+        "run_task_allowlist",
+        "http_allow_networks",
+        "http_allow_hosts",
+        "secret_env_allow",
+        mode="before",
+    )
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if not isinstance(value, str):
             return value
         if value.strip().startswith("["):
-            return json.loads(value)
+            # A JSON array -- or comma-separated text whose first entry is [IPv6]:port.
+            try:
+                return json.loads(value)
+            except ValueError:
+                pass
         return [item.strip() for item in value.split(",") if item.strip()]
+
+    @field_validator("secret_env_allow")
+    @classmethod
+    def _secret_patterns(cls, value: list[str]) -> list[str]:
+        return [check_secret_pattern(pattern) for pattern in value]
+
+    @model_validator(mode="after")
+    def _http_allowlist_parses(self) -> Settings:
+        # Refused at start, not at every run: a typo must not silently open nothing (or more).
+        try:
+            AllowList.parse(
+                self.http_allow_networks,
+                self.http_allow_hosts,
+                self.http_allow_metadata_address_i_know_this_is_dangerous,
+            )
+        except InvalidInput as exc:
+            raise ValueError(str(exc)) from exc
+        return self
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -20,6 +20,7 @@ fi
 # The demo pipeline calls a sink on 127.0.0.1: open loopback for the demo only.
 export GATHERING_HTTP_ALLOW_NETWORKS=${GATHERING_HTTP_ALLOW_NETWORKS:-127.0.0.1/32}
 export DEMO_HOOK_KEY=${DEMO_HOOK_KEY:-demo-signing-key-not-for-production}
+export GATHERING_SECRET_ENV_ALLOW=${GATHERING_SECRET_ENV_ALLOW:-DEMO_HOOK_*}
 gathering-tasks db upgrade
 gathering-tasks demo seed
 echo "Flower: http://127.0.0.1:${FLOWER_PORT:-5555}   (Ctrl-C stops everything)"

@@ -1,7 +1,8 @@
 """Exceptions of the skills, each under the root class that tells the caller how to respond.
 
 * :class:`SsrfRefused`, :class:`ResponseTooLarge`, :class:`TooManyRedirects`,
-  :class:`SecretNotAvailable`, :class:`SmtpNotConfigured` -- permanent.
+  :class:`SecretNotAvailable`, :class:`SecretNotAllowed`, :class:`SmtpNotConfigured` --
+  permanent.
 * :class:`HttpStatusFailure` and :class:`HttpTransportFailure` come in a permanent and a
   retryable flavour. A failure is retryable only when it may pass (timeouts, connection
   errors, 429, 5xx) *and* repeating the request is safe (idempotent method, or ``retry: true``
@@ -9,7 +10,9 @@
 * :class:`NotificationFailed` (batch) is retryable only when every failed required channel
   failed retryably.
 
-Messages name the reason and the host, never a secret, a header value or a whole body.
+Messages name the reason and the host, never a secret, a header value or a whole body; any
+piece of input they quote goes through :func:`bounded` first, so a 100k-character host makes a
+short message (and a short log line).
 """
 
 from __future__ import annotations
@@ -19,10 +22,21 @@ from typing import TYPE_CHECKING, Literal
 from gathering_tasks.errors import GatheringError, PermanentFailure, RetryableFailure
 
 if TYPE_CHECKING:
+    from gathering_tasks.skills.http import RequestRecord
     from gathering_tasks.skills.notifications import ChannelOutcome
-    from gathering_tasks.skills.ssrf import Verdict
+    from gathering_tasks.skills.verdicts import Verdict
 
 TransportKind = Literal["timeout", "connect", "dns", "tls", "protocol"]
+
+QUOTE_LIMIT = 120
+"""The most characters of one piece of input a message quotes."""
+
+
+def bounded(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` as a message may quote it: at most ``limit`` characters, the cut said."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 class SsrfRefused(PermanentFailure):
@@ -45,18 +59,37 @@ class SecretNotAvailable(PermanentFailure):
 
     def __init__(self, env_name: str) -> None:
         self.env_name = env_name
-        super().__init__(f"environment variable {env_name} is not set (referenced as a secret)")
+        name = bounded(env_name)
+        super().__init__(f"environment variable {name} is not set (referenced as a secret)")
+
+
+class SecretNotAllowed(PermanentFailure):
+    """A secret is referenced by a variable name that GATHERING_SECRET_ENV_ALLOW does not match.
+
+    Raised when the run reads it, whatever was accepted at creation: the allowlist may have
+    shrunk since, and a config stored before the rule existed is checked too.
+    """
+
+    def __init__(self, env_name: str, why: str) -> None:
+        self.env_name = env_name
+        super().__init__(f"environment variable {bounded(env_name)} may not be read: {why}")
 
 
 class HttpFailure(GatheringError):
-    """An HTTP call failed. ``attempts`` is how many attempts were made."""
+    """An HTTP call failed. ``attempts`` is how many requests were sent for it (its own
+    retries within one run attempt); ``requests`` describes each of them."""
 
     attempts: int = 1
     host: str = ""
+    requests: tuple[RequestRecord, ...] = ()
 
     def record(self) -> dict[str, object]:
         """Failure data for the run record (no secrets, bounded)."""
-        return {"host": self.host, "attempts": self.attempts}
+        return {
+            "host": self.host,
+            "attempts": self.attempts,
+            "requests": [request.to_record() for request in self.requests],
+        }
 
 
 class HttpStatusFailure(HttpFailure):
@@ -68,7 +101,7 @@ class HttpStatusFailure(HttpFailure):
         # Kept out of the message: Flower and logs show messages, bodies may echo input.
         self.body_excerpt = body_excerpt
         self.retry_after_s: float | None = None
-        super().__init__(f"HTTP {status_code} from {host}")
+        super().__init__(f"HTTP {status_code} from {bounded(host)}")
 
     def record(self) -> dict[str, object]:
         """Status, host, attempts and the bounded body excerpt."""
@@ -94,7 +127,7 @@ class HttpTransportFailure(HttpFailure):
         self.kind = kind
         self.host = host
         suffix = f": {detail}" if detail else ""
-        super().__init__(f"HTTP {kind} failure talking to {host}{suffix}")
+        super().__init__(f"HTTP {kind} failure talking to {bounded(host)}{bounded(suffix)}")
 
 
 class PermanentHttpTransport(HttpTransportFailure, PermanentFailure):
@@ -111,7 +144,7 @@ class ResponseTooLarge(HttpFailure, PermanentFailure):
     def __init__(self, host: str, max_bytes: int) -> None:
         self.host = host
         self.max_bytes = max_bytes
-        super().__init__(f"response too large from {host}: more than {max_bytes} bytes")
+        super().__init__(f"response too large from {bounded(host)}: more than {max_bytes} bytes")
 
 
 class TooManyRedirects(HttpFailure, PermanentFailure):
@@ -119,7 +152,9 @@ class TooManyRedirects(HttpFailure, PermanentFailure):
 
     def __init__(self, host: str, max_redirects: int) -> None:
         self.host = host
-        super().__init__(f"too many redirects (more than {max_redirects}), last from {host}")
+        super().__init__(
+            f"too many redirects (more than {max_redirects}), last from {bounded(host)}"
+        )
 
 
 class SmtpNotConfigured(PermanentFailure):

@@ -2,9 +2,10 @@
 
 What it guarantees, per request:
 
-* **Vetting** -- the URL passes :func:`~gathering_tasks.skills.ssrf.parse_url`; a name is
-  resolved once through the injected resolver and *every* address is classified (see
-  :mod:`gathering_tasks.skills.ssrf` for the rules and the allowlist).
+* **Vetting** -- the URL passes :func:`~gathering_tasks.skills.urls.parse_url`; a name is
+  resolved once through the injected resolver and *every* address is judged, with its port,
+  against the allowlist (see :mod:`gathering_tasks.skills.ssrf` for the rules and
+  :mod:`gathering_tasks.skills.allowlist` for what the settings open).
 * **Connect to the checked address** -- :class:`_PinnedAdapter` (a requests ``HTTPAdapter``)
   asks urllib3's pool manager for a pool whose host is the vetted *address*; urllib3 then
   connects to that literal, so nothing resolves the name a second time and DNS rebinding has
@@ -13,13 +14,20 @@ What it guarantees, per request:
   certificate is verified against the name (``ssl`` ``check_hostname``), not the address.
   No proxy is ever used (a proxy would resolve the name itself).
 * **Redirects** -- off unless the request asks; followed by hand, each hop vetted again from
-  scratch, at most ``max_redirects``; credentials are dropped when a hop leaves the origin.
+  scratch (host *and* port), at most ``max_redirects``; credentials are dropped when a hop
+  leaves the origin.
 * **Bounded** -- connect/read timeouts, a total time budget, and a response cap enforced
   while streaming (``Content-Length`` may only make us give up earlier, never read more).
 * **Retries** (tenacity) -- only on timeouts, connection errors, 429 and 5xx, only when the
   request is safe to repeat (idempotent method, or ``retry: true``), at most
-  ``max_attempts``, honouring ``Retry-After`` (seconds or HTTP date) up to
-  ``max_retry_wait_s``, within ``total_budget_s``.
+  ``max_attempts`` requests (default 1: no retry of its own, the run's attempts are the
+  retries -- see ``docs/security.md``, "Retry budget"), honouring ``Retry-After`` (seconds
+  or HTTP date) up to ``max_retry_wait_s``, within ``total_budget_s``.
+* **Record** -- every request sent (each retry, each redirect hop) is listed in the result
+  and in the failure (:class:`RequestRecord`: attempt, hop, method, host, status or error,
+  elapsed time).
+* **Secrets** -- read through the policy's secret allowlist (``GATHERING_SECRET_ENV_ALLOW``)
+  before anything is sent.
 * **Headers** -- every request carries ``Idempotency-Key`` (from the caller, stable across
   attempts) and ``User-Agent: gathering-tasks/<version>``.
 * **Failures** -- a status outside ``expected_statuses`` raises
@@ -56,10 +64,12 @@ from urllib3.exceptions import ReadTimeoutError
 
 from gathering_tasks import __version__
 from gathering_tasks.errors import InvalidInput, PermanentFailure, RetryableFailure
-from gathering_tasks.skills._validation import has_line_break
+from gathering_tasks.skills._validation import SecretPolicy, SecretSource, has_line_break
+from gathering_tasks.skills.allowlist import AllowList
 from gathering_tasks.skills.errors import (
     HttpFailure,
     HttpStatusFailure,
+    HttpTransportFailure,
     PermanentHttpStatus,
     PermanentHttpTransport,
     ResponseTooLarge,
@@ -74,16 +84,8 @@ from gathering_tasks.skills.http_spec import (
     OutgoingRequest,
     parse_call_api_config,
 )
-from gathering_tasks.skills.ssrf import (
-    AllowList,
-    IPNetwork,
-    PinnedTarget,
-    Resolver,
-    UrlTarget,
-    check_target,
-    parse_url,
-    vet_addresses,
-)
+from gathering_tasks.skills.ssrf import PinnedTarget, Resolver, check_target, vet_addresses
+from gathering_tasks.skills.urls import UrlTarget, parse_url
 
 if TYPE_CHECKING:
     from requests.models import PreparedRequest
@@ -98,6 +100,7 @@ __all__ = [
     "HttpRequestSpec",
     "HttpResult",
     "OutgoingRequest",
+    "RequestRecord",
     "parse_call_api_config",
     "parse_retry_after",
     "system_resolver",
@@ -112,14 +115,15 @@ _CHUNK_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class HttpPolicy:
-    """Limits and allowlist of the guarded client (from settings, or built by tests)."""
+    """Limits, allowlist and secret allowlist of the guarded client (from settings, or built
+    by tests). ``max_attempts`` is how many requests one call may send (its own retries)."""
 
-    allow_networks: tuple[IPNetwork, ...] = ()
-    allow_hosts: frozenset[str] = frozenset()
+    allow: AllowList = field(default_factory=AllowList)
+    secrets: SecretPolicy = field(default_factory=SecretPolicy)
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
     max_response_bytes: int = 1024 * 1024
-    max_attempts: int = 3
+    max_attempts: int = 1
     user_agent: str = USER_AGENT
     total_budget_s: float = 120.0
     max_retry_wait_s: float = 30.0
@@ -130,28 +134,61 @@ class HttpPolicy:
 
     @classmethod
     def allowing(
-        cls, networks: Sequence[str] = (), hosts: Sequence[str] = (), **changes: Any
+        cls,
+        networks: Sequence[str] = (),
+        hosts: Sequence[str] = (),
+        *,
+        metadata_address: str | None = None,
+        secret_env_allow: Sequence[str] = (),
+        **changes: Any,
     ) -> HttpPolicy:
-        """A policy opening ``networks`` (CIDR text) and ``hosts``; other fields by keyword."""
-        allow = AllowList.parse(networks, hosts)
-        return replace(cls(allow.networks, allow.hosts), **changes)
+        """A policy opening ``networks`` and ``hosts`` (allowlist entry text, see
+        :mod:`~gathering_tasks.skills.allowlist`) and the ``secret_env_allow`` patterns;
+        other fields by keyword."""
+        allow = AllowList.parse(networks, hosts, metadata_address)
+        return replace(cls(allow, SecretPolicy(tuple(secret_env_allow))), **changes)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HttpPolicy:
-        """The policy configured by ``GATHERING_HTTP_*``."""
+        """The policy configured by ``GATHERING_HTTP_*`` and ``GATHERING_SECRET_ENV_ALLOW``."""
         return cls.allowing(
             settings.http_allow_networks,
             settings.http_allow_hosts,
+            metadata_address=settings.http_allow_metadata_address_i_know_this_is_dangerous,
+            secret_env_allow=settings.secret_env_allow,
             connect_timeout_s=settings.http_connect_timeout_s,
             read_timeout_s=settings.http_read_timeout_s,
             max_response_bytes=settings.http_max_response_bytes,
             max_attempts=settings.http_max_attempts,
         )
 
-    @property
-    def allow(self) -> AllowList:
-        """The allowlist as the SSRF rules take it."""
-        return AllowList(self.allow_networks, self.allow_hosts)
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request the client sent: its ``attempt`` (1 for the first, then the client's own
+    retries), its redirect ``hop`` (0 for the URL asked), and what came of it: a ``status``,
+    or an ``error`` kind (timeout, connect, tls, ...). Only the host, never the path or query.
+    """
+
+    attempt: int
+    hop: int
+    method: str
+    host: str
+    elapsed_ms: int
+    status: int | None = None
+    error: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-ready dict for the run record."""
+        return {
+            "attempt": self.attempt,
+            "hop": self.hop,
+            "method": self.method,
+            "host": self.host,
+            "status": self.status,
+            "error": self.error,
+            "elapsed_ms": self.elapsed_ms,
+        }
 
 
 @dataclass(frozen=True)
@@ -160,7 +197,8 @@ class HttpResult:
 
     ``elapsed_ms`` covers every attempt and wait; ``body_excerpt`` is at most
     ``excerpt_bytes`` of the body, decoded; ``json`` is set only for a JSON body of at most
-    ``max_json_bytes``; ``final_url`` is the last hop's URL without its query string.
+    ``max_json_bytes``; ``final_url`` is the last hop's URL without its query string;
+    ``requests`` lists every request sent, retries and redirect hops included.
     """
 
     status_code: int
@@ -169,6 +207,7 @@ class HttpResult:
     json: Any
     attempts: int
     final_url: str
+    requests: tuple[RequestRecord, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-ready dict for the run record."""
@@ -179,6 +218,7 @@ class HttpResult:
             "json": self.json,
             "attempts": self.attempts,
             "final_url": self.final_url,
+            "requests": [request.to_record() for request in self.requests],
         }
 
 
@@ -333,11 +373,27 @@ def _check_key(idempotency_key: str) -> None:
 
 @dataclass(frozen=True)
 class _Attempt:
-    """What every hop of one attempt shares."""
+    """What every hop of every attempt of one call shares; ``sent`` collects the requests."""
 
     key: str
     deadline: float
     retry_safe: bool
+    sent: list[RequestRecord] = field(default_factory=list)
+
+    def note(
+        self,
+        position: tuple[int, int],
+        request: tuple[str, str],
+        started: float,
+        *,
+        status: int | None,
+        error: str | None = None,
+    ) -> None:
+        """Record one request sent: at (attempt, hop), (method, host), started at monotonic
+        ``started``."""
+        elapsed_ms = round((time.monotonic() - started) * 1000)
+        (attempt, hop), (method, host) = position, request
+        self.sent.append(RequestRecord(attempt, hop, method, host, elapsed_ms, status, error))
 
     def transport_failure(self, kind: TransportKind, host: str, detail: str = "") -> HttpFailure:
         return _transport_failure(kind, host, self.retry_safe, detail)
@@ -372,8 +428,10 @@ class GuardedHttpClient:
     def call(
         self, spec: HttpRequestSpec, *, idempotency_key: str, env: Mapping[str, str] | None = None
     ) -> HttpResult:
-        """Run a ``call_api`` spec; secrets are read from ``env`` (default ``os.environ``)."""
-        request = spec.build(os.environ if env is None else env)
+        """Run a ``call_api`` spec; secrets are read from ``env`` (default ``os.environ``),
+        through the policy's secret allowlist, before anything is sent."""
+        secrets = SecretSource(os.environ if env is None else env, self.policy.secrets)
+        request = spec.build(secrets)
         return self.send(request, idempotency_key=idempotency_key)
 
     def send(self, request: OutgoingRequest, *, idempotency_key: str) -> HttpResult:
@@ -389,9 +447,10 @@ class GuardedHttpClient:
             nonlocal attempts
             attempts += 1
             try:
-                return self._follow(request, context)
+                return self._follow(request, context, attempts)
             except HttpFailure as exc:
                 exc.attempts = attempts
+                exc.requests = tuple(context.sent)
                 raise
 
         retrying = Retrying(
@@ -416,6 +475,7 @@ class GuardedHttpClient:
             json=_parse_json(exchange, self.policy.max_json_bytes),
             attempts=attempts,
             final_url=exchange.target.redacted_url,
+            requests=tuple(context.sent),
         )
         log.info(
             "http call succeeded",
@@ -431,13 +491,13 @@ class GuardedHttpClient:
 
     # --- one attempt: a chain of hops ---------------------------------------------------
 
-    def _follow(self, request: OutgoingRequest, context: _Attempt) -> _Exchange:
+    def _follow(self, request: OutgoingRequest, context: _Attempt, attempt: int) -> _Exchange:
         current = request
         host = ""
-        for _hop in range(request.max_redirects + 1):
+        for hop in range(request.max_redirects + 1):
             pinned = self._vet(current.url, context)
             host = pinned.target.host
-            exchange = self._exchange(current, pinned, context)
+            exchange = self._exchange(current, pinned, context, (attempt, hop))
             if not (request.follow_redirects and _is_redirect(exchange)):
                 return self._judge(current, exchange, context)
             current = redirect_request(
@@ -476,7 +536,11 @@ class GuardedHttpClient:
         return min(connect, remaining), min(read, remaining)
 
     def _exchange(
-        self, request: OutgoingRequest, pinned: PinnedTarget, context: _Attempt
+        self,
+        request: OutgoingRequest,
+        pinned: PinnedTarget,
+        context: _Attempt,
+        position: tuple[int, int],
     ) -> _Exchange:
         target = pinned.target
         headers = {"Accept": "*/*", **dict(request.headers)}
@@ -496,17 +560,27 @@ class GuardedHttpClient:
         ).prepare()
         timeout = self._timeouts(request, target.host, context)
         adapter = _PinnedAdapter(pinned)
+        line = (request.method, target.host)
+        started = time.monotonic()
+        status: int | None = None
         try:
             response = adapter.send(
                 prepared, stream=True, timeout=timeout, verify=self.policy.ca_bundle or True
             )
+            status = response.status_code
             with response:
-                return self._read(response, request, target, context)
+                exchange = self._read(response, request, target, context)
         except requests.RequestException as exc:
             kind = _classify_request_error(exc)
+            context.note(position, line, started, status=status, error=kind)
             raise context.transport_failure(kind, target.host, type(exc).__name__) from exc
+        except HttpFailure as exc:
+            context.note(position, line, started, status=status, error=_kind_of(exc))
+            raise
         finally:
             adapter.close()
+        context.note(position, line, started, status=status)
+        return exchange
 
     def _read(
         self,
@@ -555,6 +629,13 @@ class GuardedHttpClient:
                 "http_host": getattr(exc, "host", None),
             },
         )
+
+
+def _kind_of(exc: HttpFailure) -> str:
+    """What went wrong with a request that had an answer: ``timeout`` or ``too-large``."""
+    if isinstance(exc, HttpTransportFailure):
+        return exc.kind
+    return "too-large" if isinstance(exc, ResponseTooLarge) else type(exc).__name__
 
 
 def _is_redirect(exchange: _Exchange) -> bool:

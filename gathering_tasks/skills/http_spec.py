@@ -10,7 +10,9 @@ Example config::
 Secrets are referenced by environment variable name only (``token_env``, ``password_env``,
 ``value_env``); a literal ``token``/``password``/``value`` is rejected, and so are credential
 headers (``Authorization``, ``Cookie``, ``X-Api-Key``, ...) written inline. Variables named
-``GATHERING_*`` (the worker's own configuration) cannot be referenced.
+``GATHERING_*`` (the worker's own configuration) cannot be referenced, and the others only
+when ``GATHERING_SECRET_ENV_ALLOW`` matches them (see :mod:`._validation`; checked at creation
+by :mod:`.admission` and again by :meth:`HttpRequestSpec.build`).
 """
 
 from __future__ import annotations
@@ -37,12 +39,12 @@ from pydantic import (
 from gathering_tasks.errors import InvalidInput
 from gathering_tasks.skills._validation import (
     EnvName,
+    SecretSource,
     has_line_break,
     invalid_input,
-    read_secret,
 )
-from gathering_tasks.skills.errors import SsrfRefused
-from gathering_tasks.skills.ssrf import parse_url
+from gathering_tasks.skills.errors import SsrfRefused, bounded
+from gathering_tasks.skills.urls import parse_url
 
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
 IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "PUT", "DELETE"})
@@ -120,7 +122,7 @@ def _check_headers(headers: dict[str, str]) -> dict[str, str]:
     for name, value in headers.items():
         lowered = name.lower()
         if not _TOKEN.match(name):
-            raise ValueError(f"invalid header name {name!r}")
+            raise ValueError(f"invalid header name {bounded(name)!r}")
         if lowered in MANAGED_HEADERS:
             raise ValueError(f"{name} is set by the client and cannot be configured")
         if lowered in CREDENTIAL_HEADERS:
@@ -199,12 +201,23 @@ class HttpRequestSpec(_Strict):
             raise ValueError(f"{info.data['method']} requests carry no body")
         return value
 
-    def build(self, env: Mapping[str, str]) -> OutgoingRequest:
-        """The request to send, with secrets read from ``env`` (the worker's environment)."""
+    def secret_refs(self) -> list[tuple[str, str]]:
+        """(field, environment variable name) of every secret this config references."""
+        if self.auth is None:
+            return []
+        return [(f"auth.{_SECRET_FIELDS[self.auth.type]}", _secret_name(self.auth))]
+
+    def target_urls(self) -> list[tuple[str, str]]:
+        """(field, URL) of every URL written in this config."""
+        return [("url", self.url)]
+
+    def build(self, secrets: SecretSource) -> OutgoingRequest:
+        """The request to send, with secrets read from ``secrets`` (the worker's environment,
+        through the secret allowlist)."""
         headers = dict(self.headers)
         sensitive: frozenset[str] = frozenset()
         if self.auth is not None:
-            name, value = auth_header(self.auth, env)
+            name, value = auth_header(self.auth, secrets)
             headers[name] = value
             sensitive = frozenset({name.lower()})
         body: bytes | None = None
@@ -251,16 +264,28 @@ def encode_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+_SECRET_FIELDS = {"bearer": "token_env", "basic": "password_env", "api_key": "value_env"}
+
+
+def _secret_name(auth: BearerAuth | BasicAuth | ApiKeyAuth) -> str:
+    if isinstance(auth, BearerAuth):
+        return auth.token_env
+    if isinstance(auth, BasicAuth):
+        return auth.password_env
+    return auth.value_env
+
+
 def auth_header(
-    auth: BearerAuth | BasicAuth | ApiKeyAuth, env: Mapping[str, str]
+    auth: BearerAuth | BasicAuth | ApiKeyAuth, secrets: SecretSource
 ) -> tuple[str, str]:
     """(header name, header value) for ``auth``; the value holds the secret."""
+    secret = secrets.read(_secret_name(auth))
     if isinstance(auth, BearerAuth):
-        return "Authorization", f"Bearer {read_secret(env, auth.token_env)}"
+        return "Authorization", f"Bearer {secret}"
     if isinstance(auth, BasicAuth):
-        pair = f"{auth.username}:{read_secret(env, auth.password_env)}".encode()
+        pair = f"{auth.username}:{secret}".encode()
         return "Authorization", f"Basic {base64.b64encode(pair).decode('ascii')}"
-    return auth.header, read_secret(env, auth.value_env)
+    return auth.header, secret
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,11 @@ A config names its ``channel`` and carries the message (``title``, ``text``, opt
         {"channel": "email", "to": ["ops@example.com"], "required": false}]}
 
 * ``url`` is an http(s) URL, or ``env:NAME`` to read it from the worker's environment (chat
-  webhook URLs embed their token: keep them out of configs). SSRF rules apply at send time.
+  webhook URLs embed their token: keep them out of configs). SSRF rules apply at send time,
+  and a literal forbidden address is refused at creation already (see :mod:`.admission`).
 * ``webhook`` needs ``secret_env``, the environment variable holding the signing secret.
+* ``env:NAME`` and ``secret_env`` may only name variables ``GATHERING_SECRET_ENV_ALLOW``
+  matches (see :mod:`._validation`), checked at creation and again when sending.
 * ``email`` sends to ``to`` through the SMTP server of the settings.
 * ``batch`` children inherit the batch's message fields unless they set their own; each has
   ``required`` (default true). Batches do not nest.
@@ -40,13 +43,13 @@ from pydantic import (
 from gathering_tasks.errors import InvalidInput
 from gathering_tasks.skills._validation import (
     EnvName,
+    SecretSource,
     check_env_name,
     has_line_break,
     invalid_input,
-    read_secret,
 )
-from gathering_tasks.skills.errors import SsrfRefused
-from gathering_tasks.skills.ssrf import parse_url
+from gathering_tasks.skills.errors import SsrfRefused, bounded
+from gathering_tasks.skills.urls import parse_url
 
 ENV_PREFIX = "env:"
 MAX_TITLE_CHARS = 256
@@ -98,6 +101,14 @@ class _Channel(_Strict):
                 return name
         return None
 
+    def secret_refs(self) -> list[tuple[str, str]]:
+        """(field, environment variable name) of every secret this channel references."""
+        return []
+
+    def target_urls(self) -> list[tuple[str, str]]:
+        """(field, URL) of every URL written (not read from the environment) in this config."""
+        return []
+
     def message(self, parent: _Channel | None = None) -> Message:
         """This config's message, completed from ``parent`` (the batch) where unset."""
         missing = self.missing_field(parent)
@@ -131,11 +142,21 @@ class _UrlChannel(_Channel):
     def _url(cls, value: str) -> str:
         return _check_url(value)
 
-    def resolve_url(self, env: Mapping[str, str]) -> str:
+    def resolve_url(self, secrets: SecretSource) -> str:
         """The URL, read from the environment when given as ``env:NAME``."""
         if self.url.startswith(ENV_PREFIX):
-            return read_secret(env, self.url[len(ENV_PREFIX) :])
+            return secrets.read(self.url[len(ENV_PREFIX) :])
         return self.url
+
+    def secret_refs(self) -> list[tuple[str, str]]:
+        """``url`` when it is ``env:NAME`` (a chat webhook URL embeds its token)."""
+        if self.url.startswith(ENV_PREFIX):
+            return [("url", self.url[len(ENV_PREFIX) :])]
+        return []
+
+    def target_urls(self) -> list[tuple[str, str]]:
+        """``url`` unless it is read from the environment."""
+        return [] if self.url.startswith(ENV_PREFIX) else [("url", self.url)]
 
 
 class WebhookChannel(_UrlChannel):
@@ -143,6 +164,10 @@ class WebhookChannel(_UrlChannel):
 
     channel: Literal["webhook"]
     secret_env: EnvName
+
+    def secret_refs(self) -> list[tuple[str, str]]:
+        """The URL's reference (if any) and ``secret_env``."""
+        return [*super().secret_refs(), ("secret_env", self.secret_env)]
 
 
 class SlackChannel(_UrlChannel):
@@ -166,7 +191,7 @@ class TeamsChannel(_UrlChannel):
 
 def _check_address(value: str) -> str:
     if not _EMAIL.match(value):
-        raise ValueError(f"not an email address: {value!r}")
+        raise ValueError(f"not an email address: {bounded(value)!r}")
     return value
 
 
@@ -191,6 +216,22 @@ class BatchChannel(_Channel):
 
     channel: Literal["batch"]
     channels: list[ChildConfig] = Field(min_length=1, max_length=10)
+
+    def secret_refs(self) -> list[tuple[str, str]]:
+        """Every child's references, as ``channels.<index>.<field>``."""
+        return [
+            (f"channels.{index}.{field}", name)
+            for index, child in enumerate(self.channels)
+            for field, name in child.secret_refs()
+        ]
+
+    def target_urls(self) -> list[tuple[str, str]]:
+        """Every child's written URLs, as ``channels.<index>.url``."""
+        return [
+            (f"channels.{index}.{field}", url)
+            for index, child in enumerate(self.channels)
+            for field, url in child.target_urls()
+        ]
 
 
 NotificationConfig = Annotated[

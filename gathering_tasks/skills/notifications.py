@@ -18,7 +18,8 @@ and the request carries three headers:
 * ``webhook-timestamp``: unix seconds when the request was signed;
 * ``webhook-signature``: ``v1,`` + base64( HMAC-SHA256( key, f"{id}.{timestamp}.{body}" ) ).
 
-``key`` is the secret held by the environment variable named by ``secret_env``: its UTF-8
+``key`` is the secret held by the environment variable named by ``secret_env`` (a name
+``GATHERING_SECRET_ENV_ALLOW`` must match; checked again before anything is sent): its UTF-8
 bytes, or -- when it starts with ``whsec_`` -- the base64 decoding of the rest, as in the
 Standard Webhooks libraries. A receiver recomputes the HMAC over the raw body, compares in
 constant time, and rejects timestamps too far from its clock (e.g. more than 5 minutes).
@@ -44,12 +45,13 @@ from string import Template
 from typing import Any
 
 from gathering_tasks.errors import InvalidInput, PermanentFailure, RetryableFailure
-from gathering_tasks.skills._validation import read_secret
+from gathering_tasks.skills._validation import SecretSource
 from gathering_tasks.skills.errors import (
+    HttpFailure,
     PermanentNotificationFailure,
     RetryableNotificationFailure,
 )
-from gathering_tasks.skills.http import GuardedHttpClient, HttpResult
+from gathering_tasks.skills.http import GuardedHttpClient, HttpResult, RequestRecord
 from gathering_tasks.skills.http_spec import OutgoingRequest, encode_json
 from gathering_tasks.skills.notification_config import (
     AnyConfig,
@@ -85,7 +87,8 @@ _WHSEC_PREFIX = "whsec_"
 
 @dataclass(frozen=True)
 class ChannelOutcome:
-    """How one channel fared. ``index`` is the position in a batch (None when alone)."""
+    """How one channel fared. ``index`` is the position in a batch (None when alone);
+    ``requests`` are the HTTP requests sent for it (none for email)."""
 
     channel: str
     ok: bool
@@ -94,6 +97,7 @@ class ChannelOutcome:
     status_code: int | None = None
     retryable: bool = False
     index: int | None = None
+    requests: tuple[RequestRecord, ...] = ()
 
     @property
     def label(self) -> str:
@@ -110,6 +114,7 @@ class ChannelOutcome:
             "detail": self.detail,
             "status_code": self.status_code,
             "retryable": self.retryable,
+            "requests": [request.to_record() for request in self.requests],
         }
 
 
@@ -240,17 +245,15 @@ def build_channel_request(
     message: Message,
     *,
     idempotency_key: str,
-    env: Mapping[str, str],
+    secrets: SecretSource,
     now_s: float,
 ) -> OutgoingRequest:
-    """The HTTP request for an HTTP channel (secrets read from ``env``)."""
-    url = config.resolve_url(env)
+    """The HTTP request for an HTTP channel (secrets read through ``secrets``)."""
+    url = config.resolve_url(secrets)
     if isinstance(config, WebhookChannel):
         timestamp = int(now_s)
         body = encode_json(webhook_payload(message, idempotency_key, timestamp))
-        signature = sign_webhook(
-            read_secret(env, config.secret_env), idempotency_key, timestamp, body
-        )
+        signature = sign_webhook(secrets.read(config.secret_env), idempotency_key, timestamp, body)
         headers = (
             ("webhook-id", idempotency_key),
             ("webhook-timestamp", str(timestamp)),
@@ -271,7 +274,7 @@ def build_channel_request(
 class _Senders:
     http: GuardedHttpClient
     smtp: SmtpSettings
-    env: Mapping[str, str]
+    secrets: SecretSource
     clock: Callable[[], float]
     context: Mapping[str, object] | None
 
@@ -289,12 +292,18 @@ def _send_one(
         outcome = ChannelOutcome(config.channel, True, config.required, detail, index=index)
     else:
         request = build_channel_request(
-            config, message, idempotency_key=key, env=senders.env, now_s=senders.clock()
+            config, message, idempotency_key=key, secrets=senders.secrets, now_s=senders.clock()
         )
         result: HttpResult = senders.http.send(request, idempotency_key=key)
-        detail = f"HTTP {result.status_code} after {result.attempts} attempt(s)"
+        detail = f"HTTP {result.status_code} after {result.attempts} request(s)"
         outcome = ChannelOutcome(
-            config.channel, True, config.required, detail, result.status_code, index=index
+            config.channel,
+            True,
+            config.required,
+            detail,
+            result.status_code,
+            index=index,
+            requests=result.requests,
         )
     log.info(
         "notification sent",
@@ -319,6 +328,7 @@ def _failed(
         status_code=getattr(exc, "status_code", None),
         retryable=isinstance(exc, RetryableFailure),
         index=index,
+        requests=exc.requests if isinstance(exc, HttpFailure) else (),
     )
 
 
@@ -356,11 +366,13 @@ def send_notification(
     :mod:`gathering_tasks.skills.errors`); a batch raises
     :class:`~gathering_tasks.skills.errors.NotificationFailed` carrying every outcome when a
     required channel failed. ``clock`` gives epoch seconds (webhook timestamps, email Date).
+    Secrets are read from ``env`` through the client policy's secret allowlist.
     """
     if not idempotency_key:
         raise InvalidInput("must not be empty", field="idempotency_key")
     parsed = parse_notification_config(config)
-    senders = _Senders(http, smtp, env, clock, context)
+    secrets = SecretSource(env, http.policy.secrets)
+    senders = _Senders(http, smtp, secrets, clock, context)
     if isinstance(parsed, BatchChannel):
         return _send_batch(parsed, idempotency_key, senders)
     outcome = _send_one(parsed, None, idempotency_key, senders)

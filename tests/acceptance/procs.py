@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def stack_env(database_url: str, redis_url: str, **extra: str) -> dict[str, str]:
-    """Environment for processes of one test stack: fast recovery knobs, loopback HTTP open."""
+    """Environment for processes of one test stack: fast recovery knobs, loopback HTTP open,
+    and secrets referenced as ``TEST_*`` readable (see docs/security.md)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATHERING_")}
     env.update(
         GATHERING_DATABASE_URL=database_url,
@@ -25,6 +26,7 @@ def stack_env(database_url: str, redis_url: str, **extra: str) -> dict[str, str]
         GATHERING_PENDING_GRACE_S="3",
         GATHERING_RUN_LEASE_TTL_S="3",
         GATHERING_HTTP_ALLOW_NETWORKS="127.0.0.1/32",
+        GATHERING_SECRET_ENV_ALLOW="TEST_*",
         PYTHONPATH=str(ROOT),
         PYTHONUNBUFFERED="1",
     )

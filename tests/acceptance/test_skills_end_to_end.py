@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from werkzeug import Request, Response
 
 from gathering_tasks.api import ActionService
 from gathering_tasks.db.repo import Repository
-from gathering_tasks.settings import Settings
+from gathering_tasks.errors import InvalidInput
+from gathering_tasks.settings import Settings, get_settings
 from tests.acceptance.procs import running_stack, stack_env
 from tests.servers import wait_for
 
@@ -40,6 +42,27 @@ def once_soon(name: str, action_type: str, config: dict[str, Any], **extra: Any)
         "retry_max_attempts": 1,
         **extra,
     }
+
+
+@pytest.fixture(autouse=True)
+def _process_settings_forgotten() -> Iterator[None]:
+    """The settings cached while this process's environment was patched do not outlive it."""
+    yield
+    get_settings.cache_clear()
+
+
+def creating_with(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings, repo: Repository, **env: str
+) -> ActionService:
+    """A service whose creation-time checks see ``env``: through ``settings`` and through
+    this process's settings (which they read when the service does not pass its own)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    changes = {name.removeprefix("GATHERING_").lower(): value for name, value in env.items()}
+    lists = {"http_allow_networks", "secret_env_allow"}
+    update = {k: v.split(",") if k in lists else v for k, v in changes.items()}
+    return ActionService(repo, settings.model_copy(update=update), task_allowed=lambda _n: True)
 
 
 def final_run(repo: Repository, action: str) -> dict[str, Any]:
@@ -73,7 +96,11 @@ def test_http_and_notification_actions_record_their_outcome(
     httpserver.expect_request("/api/ok", method="POST").respond_with_json({"created": 7})
     httpserver.expect_request("/api/missing").respond_with_data("nope", status=404)
     httpserver.expect_request("/hook", method="POST").respond_with_handler(hook)
-    svc = ActionService(repo, settings, task_allowed=lambda _n: True)
+    allow = {
+        "GATHERING_HTTP_ALLOW_NETWORKS": "127.0.0.1/32",
+        "GATHERING_SECRET_ENV_ALLOW": "TEST_*",
+    }
+    svc = creating_with(monkeypatch, settings, repo, **allow)
     svc.create(
         once_soon(
             "api-ok",
@@ -82,9 +109,20 @@ def test_http_and_notification_actions_record_their_outcome(
         )
     )
     svc.create(once_soon("api-404", "call_api", {"url": httpserver.url_for("/api/missing")}))
-    svc.create(
-        once_soon("api-ssrf", "call_api", {"url": "http://169.254.169.254/latest/meta-data/"})
+    # (the metadata URL is refused at creation; created where the dangerous setting opens it,
+    # it is refused again by the worker, which does not)
+    metadata = once_soon(
+        "api-ssrf", "call_api", {"url": "http://169.254.169.254/latest/meta-data/"}
     )
+    with pytest.raises(InvalidInput) as refused:
+        svc.create(metadata)
+    assert refused.value.field == "config.url" and "(cloud-metadata)" in refused.value.reason
+    dangerous = {
+        "GATHERING_HTTP_ALLOW_METADATA_ADDRESS_I_KNOW_THIS_IS_DANGEROUS": "169.254.169.254"
+    }
+    creating_with(monkeypatch, settings, repo, **allow, **dangerous).create(metadata)
+    monkeypatch.delenv("GATHERING_HTTP_ALLOW_METADATA_ADDRESS_I_KNOW_THIS_IS_DANGEROUS")
+    get_settings.cache_clear()
     svc.create(
         once_soon(
             "notify",

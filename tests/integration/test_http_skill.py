@@ -21,6 +21,7 @@ from werkzeug import Request, Response
 from gathering_tasks.errors import InvalidInput, PermanentFailure, RetryableFailure
 from gathering_tasks.settings import Settings
 from gathering_tasks.skills import executors
+from gathering_tasks.skills._validation import SecretPolicy, SecretSource
 from gathering_tasks.skills.errors import (
     HttpTransportFailure,
     PermanentHttpStatus,
@@ -42,6 +43,7 @@ from gathering_tasks.skills.http import (
 from tests.servers import self_signed_cert, serving_http
 
 LOOPBACK = ("127.0.0.1/32",)
+TEST_SECRETS = ("TEST_*",)
 KEY = "run-42:node-a"
 NOW_S = 1_800_000_000.0
 
@@ -69,8 +71,10 @@ def client(
     sleeps: list[float] | None = None,
     **changes: Any,
 ) -> GuardedHttpClient:
+    # Three requests per call: these tests are about the client's own retries.
+    defaults = {"connect_timeout_s": 2.0, "read_timeout_s": 2.0, "max_attempts": 3}
     policy = HttpPolicy.allowing(
-        networks, hosts, **{"connect_timeout_s": 2.0, "read_timeout_s": 2.0, **changes}
+        networks, hosts, secret_env_allow=TEST_SECRETS, **{**defaults, **changes}
     )
     record = sleeps if sleeps is not None else []
     return GuardedHttpClient(
@@ -212,15 +216,16 @@ def test_auth_secret_comes_from_env_and_is_never_logged(
     for record in caplog.records:
         assert SECRET not in repr(record.__dict__)
     assert SECRET not in repr(result.to_record())
-    assert SECRET not in repr(spec.build({"TEST_API_TOKEN": SECRET}))
+    built = spec.build(SecretSource({"TEST_API_TOKEN": SECRET}, SecretPolicy(TEST_SECRETS)))
+    assert SECRET not in repr(built)
     assert SECRET not in repr(spec)
 
 
 def test_missing_secret_fails_permanently_before_any_request(server: HTTPServer) -> None:
     spec = parse_call_api_config(
-        {"url": server.url_for("/x"), "auth": {"type": "bearer", "token_env": "NOT_SET_ANYWHERE"}}
+        {"url": server.url_for("/x"), "auth": {"type": "bearer", "token_env": "TEST_NOT_SET"}}
     )
-    with pytest.raises(SecretNotAvailable, match="NOT_SET_ANYWHERE"):
+    with pytest.raises(SecretNotAvailable, match="TEST_NOT_SET"):
         client().call(spec, idempotency_key=KEY, env={})
     assert requests_seen(server) == []
 
@@ -719,3 +724,56 @@ def test_executor_builds_the_client_from_settings(server: HTTPServer) -> None:
 def test_executor_turns_a_stale_invalid_config_into_a_permanent_failure() -> None:
     with pytest.raises(PermanentFailure, match="invalid call_api config"):
         executors.call_api({"url": "ftp://x.test/"}, KEY, settings=Settings())
+
+
+# --- secrets by reference: only names the allowlist matches, checked again at run time ------
+
+
+CLOUD_CREDENTIAL = "aws-secret-access-key-of-the-worker"
+
+
+def test_secret_outside_the_allowlist_is_refused_at_run_time_before_any_request(
+    server: HTTPServer,
+) -> None:
+    # Given a worker holding a cloud credential, secrets allowed for HOOK_* only, and a stored
+    # action (created before the rule) that sends that credential to a server of its choosing
+    server.expect_request("/collect").respond_with_data("thanks")
+    settings = Settings(http_allow_networks=["127.0.0.1/32"], secret_env_allow=["HOOK_*"])
+    config = {
+        "url": server.url_for("/collect"),
+        "auth": {"type": "bearer", "token_env": "AWS_SECRET_ACCESS_KEY"},
+    }
+    env = {"AWS_SECRET_ACCESS_KEY": CLOUD_CREDENTIAL, "HOOK_TOKEN": "t"}
+
+    # When the run executes
+    with pytest.raises(PermanentFailure) as caught:
+        executors.call_api(config, KEY, settings=settings, env=env)
+
+    # Then it fails permanently, naming the variable and the setting, before any request
+    assert "AWS_SECRET_ACCESS_KEY" in str(caught.value)
+    assert "GATHERING_SECRET_ENV_ALLOW" in str(caught.value)
+    assert CLOUD_CREDENTIAL not in str(caught.value)
+    assert requests_seen(server) == []
+
+
+def test_no_secret_is_read_by_default(server: HTTPServer) -> None:
+    server.expect_request("/collect").respond_with_data("thanks")
+    settings = Settings(http_allow_networks=["127.0.0.1/32"])
+    config = {
+        "url": server.url_for("/collect"),
+        "auth": {"type": "api_key", "value_env": "HOOK_TOKEN"},
+    }
+    with pytest.raises(PermanentFailure, match="HOOK_TOKEN"):
+        executors.call_api(config, KEY, settings=settings, env={"HOOK_TOKEN": "t"})
+    assert requests_seen(server) == []
+
+
+def test_secret_matching_the_allowlist_is_sent(server: HTTPServer) -> None:
+    server.expect_request("/in", headers={"Authorization": "Bearer t0k"}).respond_with_data("ok")
+    settings = Settings(http_allow_networks=["127.0.0.1/32"], secret_env_allow=["HOOK_*"])
+    config = {
+        "url": server.url_for("/in"),
+        "auth": {"type": "bearer", "token_env": "HOOK_TOKEN"},
+    }
+    record = executors.call_api(config, KEY, settings=settings, env={"HOOK_TOKEN": "t0k"})
+    assert record["status_code"] == 200

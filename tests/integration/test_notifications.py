@@ -23,7 +23,7 @@ from pydantic import SecretStr
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from gathering_tasks.errors import InvalidInput
+from gathering_tasks.errors import InvalidInput, PermanentFailure
 from gathering_tasks.settings import Settings
 from gathering_tasks.skills import executors
 from gathering_tasks.skills.errors import (
@@ -50,6 +50,7 @@ HOOK_SECRET = "hook-signing-secret-123"
 SMTP_PASSWORD = "smtp-Pa55word-xyz"
 ENV = {"HOOK_SECRET": HOOK_SECRET, "SLACK_URL_SECRET": ""}
 NO_SMTP = SmtpSettings(host=None)
+SECRET_NAMES = ("HOOK_*", "SLACK_*", "ABSENT_*")
 
 
 # --- receivers -------------------------------------------------------------------------------
@@ -57,7 +58,8 @@ NO_SMTP = SmtpSettings(host=None)
 
 def http_client(networks: Sequence[str] = ("127.0.0.1/32",)) -> GuardedHttpClient:
     sleeps: list[float] = []
-    return GuardedHttpClient(HttpPolicy.allowing(networks), sleep=sleeps.append)
+    policy = HttpPolicy.allowing(networks, secret_env_allow=SECRET_NAMES, max_attempts=3)
+    return GuardedHttpClient(policy, sleep=sleeps.append)
 
 
 def notify(config: dict[str, Any], **kwargs: Any) -> Any:
@@ -585,3 +587,40 @@ def test_executor_sends_with_settings(server: HTTPServer) -> None:
     )
     assert record["ok"] is True
     assert record["outcomes"][0]["status_code"] == 200
+
+
+# --- secrets by reference: checked again when sending ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"channel": "webhook", "url": "URL", "secret_env": "AWS_SECRET_ACCESS_KEY"},
+        {"channel": "slack", "url": "env:AWS_SECRET_ACCESS_KEY"},
+        {
+            "channel": "batch",
+            "channels": [{"channel": "webhook", "url": "URL", "secret_env": "DATABASE_PASSWORD"}],
+        },
+    ],
+    ids=["webhook-secret", "url-from-env", "batch-child"],
+)
+def test_secret_outside_the_allowlist_is_refused_when_sending(
+    server: HTTPServer, config: dict[str, Any]
+) -> None:
+    # Given secrets allowed for HOOK_* only, and a worker holding other secrets
+    server.expect_request("/hook").respond_with_data("ok")
+    url = server.url_for("/hook")
+    settings = Settings(http_allow_networks=["127.0.0.1/32"], secret_env_allow=["HOOK_*"])
+    env = {"AWS_SECRET_ACCESS_KEY": url, "DATABASE_PASSWORD": "pw", "HOOK_SECRET": "s"}
+    message = {"title": "t", "text": "x"}
+    filled = json.loads(json.dumps({**config, **message}).replace('"URL"', json.dumps(url)))
+
+    # When the notification is sent
+    with pytest.raises(PermanentFailure) as caught:
+        executors.send_notification(filled, KEY, settings=settings, env=env)
+
+    # Then it fails permanently, naming the setting (a batch, in the child's outcome), and
+    # nothing was sent
+    record = caught.value.record() if isinstance(caught.value, NotificationFailed) else {}
+    assert "GATHERING_SECRET_ENV_ALLOW" in str(caught.value) + json.dumps(record)
+    assert server.log == []

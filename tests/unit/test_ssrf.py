@@ -102,6 +102,11 @@ BYPASSES: list[tuple[str, RefusalReason]] = [
     ("http://[ff02::1]/", R.MULTICAST),
     ("http://[2001:db8::1]/", R.DOCUMENTATION),
     ("http://[2001::1]/", R.TEREDO),
+    # IPv4-translated (SIIT, ::ffff:0:0:0/96) carries an IPv4 address like the other forms
+    ("http://[::ffff:0:7f00:1]/", R.LOOPBACK),
+    ("http://[::ffff:0:a9fe:a9fe]/", R.CLOUD_METADATA),
+    ("http://[::ffff:0:a00:1]/", R.PRIVATE),
+    ("http://[::ffff:0:127.0.0.1]/", R.LOOPBACK),
     ("http://evil.com@127.0.0.1/", R.USERINFO),
     ("http://user@example.com/", R.USERINFO),
     ("http://user:pass@example.com/", R.USERINFO),
@@ -123,6 +128,11 @@ BYPASSES: list[tuple[str, RefusalReason]] = [
     ("http://1.2.3.256/", R.INVALID_HOST),
     ("http://0x100000000/", R.INVALID_HOST),
     ("http://exa_mple..com/", R.INVALID_HOST),
+    # Empty labels: one trailing dot is the root, a second one is not a host
+    ("http://127.0.0.1../", R.INVALID_HOST),
+    ("http://1.1.1.1../", R.INVALID_HOST),
+    ("http://example.com../", R.INVALID_HOST),
+    ("http://.example.com/", R.INVALID_HOST),
     ("http://[::1/", R.MALFORMED),
     ("http://::1/", R.MALFORMED),
     ("http://127.0.0.1:99999/", R.INVALID_PORT),
@@ -246,12 +256,12 @@ def test_allowlisted_network_opens_names_resolving_into_it() -> None:
     assert pinned.target.authority == "rebind.test:8080"
 
 
-def test_allowlisted_host_skips_the_address_check_but_must_resolve() -> None:
+def test_allowlisted_host_may_resolve_to_any_class_but_must_resolve() -> None:
     # Given a host name allowlisted (case and trailing dot do not matter)
     allow = AllowList.parse(hosts=["Rebind.Test."])
     resolver = FakeResolver(DNS | {"other.test": ["127.0.0.1"], "gone.test": []})
 
-    # Then the listed name may resolve to loopback, another name may not,
+    # Then the listed name may resolve to loopback (metadata: see below), another name may not,
     pinned = vet_url("http://rebind.test/", allow, resolver)
     assert str(pinned.address) == "127.0.0.1"
     with pytest.raises(SsrfRefused) as caught:
@@ -331,3 +341,211 @@ def test_parse_url_normalises_names_and_keeps_the_port() -> None:
     )
     assert target.authority == "example.com:8443"
     assert target.ip is None
+
+
+# --- what no allowlist opens: cloud metadata, the unspecified address ---------------------
+
+METADATA_LITERALS = [
+    "http://169.254.169.254/",
+    "http://0xa9fea9fe/",
+    "http://169.254.170.2/",
+    "http://169.254.170.23/",
+    "http://169.254.0.23/",
+    "http://100.100.100.200/",
+    "http://192.0.0.192/",
+    "http://168.63.129.16/",
+    "http://[fd00:ec2::254]/",
+    "http://[fd00:ec2::23]/",
+    "http://[fd20:ce::254]/",
+    "http://[::ffff:169.254.169.254]/",
+    "http://[::ffff:0:a9fe:a9fe]/",
+    "http://[64:ff9b::a9fe:a9fe]/",
+    "http://[2002:a9fe:a9fe::]/",
+    "http://[::a9fe:a9fe]/",
+]
+
+
+@pytest.mark.parametrize("url", METADATA_LITERALS)
+def test_metadata_is_refused_under_an_allowlist_of_everything(url: str) -> None:
+    # Given every IPv4 and IPv6 address allowlisted
+    allow = AllowList.parse(networks=["0.0.0.0/0", "::/0"])
+
+    # When a cloud metadata address is vetted, in any form
+    with pytest.raises(SsrfRefused) as caught:
+        vet_url(url, allow, FakeResolver())
+
+    # Then it is still refused as cloud metadata
+    assert caught.value.reason == R.CLOUD_METADATA
+
+
+@pytest.mark.parametrize("url", ["http://0.0.0.0/", "http://0/", "http://[::]/"])
+def test_unspecified_address_is_refused_under_an_allowlist_of_everything(url: str) -> None:
+    allow = AllowList.parse(networks=["0.0.0.0/0", "::/0"])
+    with pytest.raises(SsrfRefused) as caught:
+        vet_url(url, allow, FakeResolver())
+    assert caught.value.reason == R.UNSPECIFIED
+
+
+def test_an_allowlist_of_everything_still_opens_private_addresses() -> None:
+    allow = AllowList.parse(networks=["0.0.0.0/0", "::/0"])
+    assert str(vet_url("http://10.0.0.1/", allow, FakeResolver()).address) == "10.0.0.1"
+    assert str(vet_url("http://[fd12::1]/", allow, FakeResolver()).address) == "fd12::1"
+
+
+def test_the_dangerous_metadata_setting_opens_exactly_one_address() -> None:
+    # Given the metadata override naming the AWS/GCP/Azure address
+    allow = AllowList.parse(metadata_address="169.254.169.254")
+
+    # Then that address is open, by literal and by a name resolving to it
+    assert str(vet_url("http://169.254.169.254/latest/", allow, FakeResolver()).address) == (
+        "169.254.169.254"
+    )
+    pinned = vet_url("http://metadata.google.internal/", allow, FakeResolver(DNS))
+    assert str(pinned.address) == "169.254.169.254"
+    # And no other metadata address, nor its other spellings, nor its link-local neighbours
+    for url in ("http://169.254.170.2/", "http://[fd00:ec2::254]/", "http://[64:ff9b::a9fe:a9fe]/"):
+        with pytest.raises(SsrfRefused) as caught:
+            vet_url(url, allow, FakeResolver())
+        assert caught.value.reason == R.CLOUD_METADATA
+    with pytest.raises(SsrfRefused) as caught:
+        vet_url("http://169.254.169.253/", allow, FakeResolver())
+    assert caught.value.reason == R.LINK_LOCAL
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1", "8.8.8.8", "0.0.0.0", "not-an-address"])
+def test_the_dangerous_metadata_setting_only_takes_a_metadata_address(address: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        AllowList.parse(metadata_address=address)
+    assert caught.value.field == "http_allow_metadata_address_i_know_this_is_dangerous"
+
+
+# --- allowlisted names are still vetted against what nothing opens -----------------------
+
+
+@pytest.mark.parametrize(
+    ("answers", "reason"),
+    [
+        (["169.254.169.254"], R.CLOUD_METADATA),
+        (["fd00:ec2::254"], R.CLOUD_METADATA),
+        (["::ffff:169.254.169.254"], R.CLOUD_METADATA),
+        (["93.184.216.34", "169.254.169.254"], R.CLOUD_METADATA),
+        (["0.0.0.0"], R.UNSPECIFIED),
+        (["::"], R.UNSPECIFIED),
+    ],
+)
+def test_allowlisted_host_resolving_to_metadata_is_refused(
+    answers: list[str], reason: RefusalReason
+) -> None:
+    # Given a partner's host name allowlisted, and DNS answering a metadata address
+    allow = AllowList.parse(hosts=["hooks.partner.example"])
+    resolver = FakeResolver({"hooks.partner.example": answers})
+
+    # When it is vetted
+    with pytest.raises(SsrfRefused) as caught:
+        vet_url("https://hooks.partner.example/in", allow, resolver)
+
+    # Then the answer is refused: the operator vouched for the name, not for metadata
+    assert caught.value.reason == reason
+    assert "hooks.partner.example" in str(caught.value)
+
+
+# --- ports ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("networks", "hosts", "url", "allowed"),
+    [
+        (["10.1.2.3:8443"], [], "https://10.1.2.3:8443/", True),
+        (["10.1.2.3:8443"], [], "https://10.1.2.3/", False),
+        (["10.1.2.3:8443"], [], "http://10.1.2.3:6379/", False),
+        (["10.0.0.0/8:80-443"], [], "http://10.9.9.9/", True),
+        (["10.0.0.0/8:80-443"], [], "https://10.9.9.9/", True),
+        (["10.0.0.0/8:80-443"], [], "http://10.9.9.9:444/", False),
+        (["10.0.0.0/8:80-443"], [], "http://10.9.9.9:79/", False),
+        (["[::1]:8080"], [], "http://[::1]:8080/", True),
+        (["[::1]:8080"], [], "http://[::1]:8081/", False),
+        (["[fd00::/8]:443"], [], "https://[fd12::1]/", True),
+        (["[fd00::/8]:443"], [], "http://[fd12::1]/", False),
+        (["::1/128"], [], "http://[::1]:5432/", True),  # no port: every port (as before)
+        (["127.0.0.1/32"], [], "http://127.0.0.1:6379/", True),
+        (["127.0.0.1:8443"], [], "http://[::ffff:127.0.0.1]:8443/", True),
+        (["127.0.0.1:8443"], [], "http://[::ffff:127.0.0.1]:6379/", False),
+        ([], ["127.0.0.1:9000"], "http://127.0.0.1:9000/", True),
+        ([], ["127.0.0.1:9000"], "http://127.0.0.1:9001/", False),
+        ([], ["localhost:9000"], "http://localhost:9000/", True),
+        ([], ["localhost:9000"], "http://localhost:9001/", False),
+        ([], ["api.internal:443"], "https://api.internal/", True),
+        ([], ["api.internal:443"], "https://api.internal:8443/", False),
+        ([], ["api.internal:443"], "http://api.internal/", False),
+    ],
+)
+def test_allowlist_entries_open_only_their_ports(
+    networks: list[str], hosts: list[str], url: str, allowed: bool
+) -> None:
+    allow = AllowList.parse(networks, hosts)
+    resolver = FakeResolver({"api.internal": ["10.0.0.5"], "localhost": ["127.0.0.1"]})
+    if allowed:
+        vet_url(url, allow, resolver)
+        return
+    with pytest.raises(SsrfRefused) as caught:
+        vet_url(url, allow, resolver)
+    assert caught.value.reason in (R.PORT_NOT_ALLOWED, R.PRIVATE, R.LOCALHOST_NAME)
+
+
+def test_an_address_open_on_another_port_says_so() -> None:
+    allow = AllowList.parse(networks=["127.0.0.1:8443"])
+    with pytest.raises(SsrfRefused) as caught:
+        vet_url("http://127.0.0.1:6379/", allow, FakeResolver())
+    assert caught.value.reason == R.PORT_NOT_ALLOWED
+    assert "127.0.0.1:6379" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("networks", "hosts", "field"),
+    [
+        (["10.0.0.0/8:0"], [], "http_allow_networks"),
+        (["10.0.0.0/8:65536"], [], "http_allow_networks"),
+        (["10.0.0.0/8:443-80"], [], "http_allow_networks"),
+        (["10.0.0.0/8:http"], [], "http_allow_networks"),
+        (["10.0.0.0/8:"], [], "http_allow_networks"),
+        (["[::1]:x"], [], "http_allow_networks"),
+        (["[::1"], [], "http_allow_networks"),
+        (["api.internal:443"], [], "http_allow_networks"),
+        ([], ["api.internal:99999"], "http_allow_hosts"),
+        ([], ["api..internal"], "http_allow_hosts"),
+    ],
+)
+def test_bad_port_entries_are_invalid_input(
+    networks: list[str], hosts: list[str], field: str
+) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        AllowList.parse(networks, hosts)
+    assert caught.value.field == field
+
+
+# --- messages that quote input are bounded ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://" + "a" * 100_000 + "/",
+        "http://" + "a" * 100_000 + ".com:80/",
+        "http://[" + "1" * 100_000 + "]/",
+        "http://" + "1." * 50_000 + "1/",
+        "http://x:" + "1" * 100_000 + "/",
+        "http://" + "a:" * 50_000 + "/",
+        "x" * 100_000 + "://example.com/",
+        "http://" + "\u00e9" * 100_000 + "/",
+    ],
+)
+def test_refusal_messages_quoting_input_are_bounded(url: str) -> None:
+    with pytest.raises(SsrfRefused) as caught:
+        vet_url(url, AllowList(), FakeResolver())
+    assert len(str(caught.value)) <= 300
+
+
+def test_allowlist_entry_errors_are_bounded() -> None:
+    with pytest.raises(InvalidInput) as caught:
+        AllowList.parse(networks=["x" * 100_000])
+    assert len(str(caught.value)) <= 300
