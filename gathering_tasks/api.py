@@ -96,6 +96,7 @@ class ActionService:
             max_config_bytes=self.settings.max_config_bytes,
             max_timeout_s=self.settings.task_time_limit_s,
             task_allowed=self._task_allowed,
+            settings=self.settings,
         )
 
     def create(self, data: Mapping[str, Any]) -> dict[str, Any]:
