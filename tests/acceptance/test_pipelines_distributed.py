@@ -43,7 +43,7 @@ READY_S = 60.0  # a worker starting on a busy machine
 RUN_S = 120.0  # a run (or a node) reaching a state it is headed for
 HOLD_S = 20.0  # the longest the sink holds a branch request (below the client's read timeout)
 MARKS = "marks"
-HOOK_KEY_ENV = "DIAMOND_HOOK_KEY"
+HOOK_KEY_ENV = "TEST_DIAMOND_HOOK_KEY"
 HOOK_KEY = "diamond-test-only-not-a-real-secret"
 
 

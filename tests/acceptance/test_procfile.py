@@ -45,6 +45,7 @@ def test_honcho_runs_worker_beat_and_flower(
         FLOWER_PORT=str(port),
         FLOWER_ADDRESS="127.0.0.1",
         GATHERING_DEMO_SINK_PORT=str(sink_port),
+        GATHERING_SECRET_ENV_ALLOW="DEMO_HOOK_*",
         DEMO_HOOK_KEY="procfile-test-key",
     )
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
