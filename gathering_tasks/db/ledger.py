@@ -95,6 +95,10 @@ class Dispatch:
     priority: int | None = None
     timeout_s: int | None = None
     countdown_s: float = 0.0  # not before this many seconds (a delay node's countdown)
+    # For people watching the broker (Flower, logs): never read back by a worker.
+    label: str | None = None  # the record's name (action, or pipeline.node)
+    slot: datetime | None = None
+    attempt: int | None = None  # the attempt this message is expected to start
 
 
 @dataclass(frozen=True)
@@ -105,13 +109,24 @@ class Pulse:
     cancel_requested: bool = False
 
 
-def dispatch_for(record_id: int, kind: str, definition: Mapping[str, Any]) -> Dispatch:
+def dispatch_for(
+    record_id: int,
+    kind: str,
+    definition: Mapping[str, Any],
+    *,
+    slot: datetime | None = None,
+    attempt: int | None = None,
+) -> Dispatch:
+    name = definition.get("name")
     return Dispatch(
         record_id=record_id,
         kind=kind,
         queue=definition.get("queue"),
         priority=definition.get("priority"),
         timeout_s=definition.get("timeout_s"),
+        label=str(name) if name else None,
+        slot=slot,
+        attempt=attempt,
     )
 
 

@@ -11,7 +11,7 @@ neither enqueue a successor twice nor forget it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -435,14 +435,7 @@ def _with_countdown(dispatch: Dispatch, row: Any) -> Dispatch:
     if row.retry_at is None:
         return dispatch
     delay_s = _delay_of(row.definition)
-    return Dispatch(
-        dispatch.record_id,
-        dispatch.kind,
-        dispatch.queue,
-        dispatch.priority,
-        dispatch.timeout_s,
-        countdown_s=delay_s,
-    )
+    return replace(dispatch, countdown_s=delay_s)
 
 
 def node_states(session: Session, run_id: int) -> dict[str, NodeState]:

@@ -12,14 +12,21 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from gathering_tasks import keys, runtime
 from gathering_tasks.app import app
 from gathering_tasks.clock import utcnow
 from gathering_tasks.db.ledger import Dispatch, Record
-from gathering_tasks.errors import InvalidInput, PermanentFailure, TaskTimedOut
-from gathering_tasks.guard import Detached, ExecutionGuard, Executor, GuardConfig, Outcome
+from gathering_tasks.errors import (
+    InvalidInput,
+    PermanentFailure,
+    RunFailed,
+    RunRetrying,
+    RunTimedOut,
+    TaskTimedOut,
+)
+from gathering_tasks.guard import Detached, ExecutionGuard, Executor, GuardConfig, Report
 from gathering_tasks.kinds import KINDS, resolve
 from gathering_tasks.locks import Lease
 from gathering_tasks.publish import publish
@@ -67,23 +74,57 @@ def guard() -> ExecutionGuard:
     )
 
 
-def _execute(task: Task, kind_name: str, record_id: Any) -> Outcome:
+def _execute(task: Task, kind_name: str, record_id: Any) -> Report:
     if not isinstance(record_id, int) or isinstance(record_id, bool):
         raise PermanentFailure(f"payload must be an integer run id, got {type(record_id).__name__}")
     worker = task.request.hostname or socket.gethostname()
     executor = _timed(resolve(KINDS[kind_name].executor))
-    return guard().execute(record_id, kind_name, executor, worker=worker, task_id=task.request.id)
+    return guard().run(record_id, kind_name, executor, worker=worker, task_id=task.request.id)
+
+
+def _describe(report: Report) -> str:
+    who = f"run {report.record_id}" + (f" ({report.name})" if report.name else "")
+    return who + (f" attempt {report.attempt}" if report.attempt is not None else "")
+
+
+def celery_outcome(report: Report) -> str:
+    """Tell Celery (and so Flower) what the record says, once the record is written.
+
+    ``failed`` and ``timed_out`` raise :class:`RunFailed` / :class:`RunTimedOut` (FAILURE);
+    ``retrying`` raises :class:`celery.exceptions.Retry` (RETRY; the retry's message was
+    already published by the guard, and raising ``Retry`` publishes nothing more). Every
+    other outcome is a SUCCESS whose result names it: ``succeeded: ...``, ``waiting: ...``,
+    ``cancelled: ...``, ``superseded: ...``, ``dropped: ...``. The message is acknowledged in
+    every case.
+    """
+    text = _describe(report)
+    if report.status == "failed":
+        raise RunFailed(f"{text} failed: {report.error or 'no error recorded'}")
+    if report.status == "timed_out":
+        raise RunTimedOut(f"{text} timed out: {report.error or 'no error recorded'}")
+    if report.status == "retrying":
+        delay_s = report.retry_delay_s or 0.0
+        reason = RunRetrying(f"{text} failed, retrying in {delay_s:g}s: {report.error}")
+        raise Retry(str(reason), exc=reason, when=delay_s)
+    if report.status == "dropped":
+        return f"dropped: {text}: {report.detail or 'not startable'} (duplicate delivery)"
+    if report.status == "superseded":
+        return f"superseded: {text} was taken over by another attempt; its outcome was not kept"
+    return f"{report.status}: {text}"
 
 
 def _register(kind_name: str) -> Any:
     summary = KINDS[kind_name].summary
 
     def run(self: Task, record_id: int) -> str:
-        return _execute(self, kind_name, record_id)
+        return celery_outcome(_execute(self, kind_name, record_id))
 
     run.__name__ = kind_name
     run.__doc__ = f"Execute a {kind_name} run ({summary}) under the guard."
-    return app.task(name=KINDS[kind_name].task_name, bind=True)(run)
+    # Expected failures are logged without a traceback; the record holds the details.
+    return app.task(name=KINDS[kind_name].task_name, bind=True, throws=(RunFailed, InvalidInput))(
+        run
+    )
 
 
 # Registered without decorator syntax: Celery is untyped, and the task objects are Any.
