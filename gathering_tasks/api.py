@@ -6,6 +6,7 @@ Every change lands in the database and takes effect at beat's next tick; no rest
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -18,9 +19,9 @@ from gathering_tasks import runtime
 from gathering_tasks.actions import NAME_RE, ActionSpec, validate_action
 from gathering_tasks.app import app as celery_app
 from gathering_tasks.clock import utcnow
-from gathering_tasks.db.ledger import Dispatch
+from gathering_tasks.db.ledger import FINAL, Dispatch, trigger_key
 from gathering_tasks.db.repo import Repository
-from gathering_tasks.errors import InvalidInput
+from gathering_tasks.errors import InvalidInput, WaitTimedOut
 from gathering_tasks.pipelines.definition import PipelineSpec, parse_pipeline
 from gathering_tasks.publish import publish
 from gathering_tasks.schedules import OnceSchedule, Schedule, first_slot, schedule_to_spec
@@ -40,6 +41,35 @@ def action_service() -> ActionService:
     return ActionService(
         runtime.repository(), settings, task_allowed=task_allowed, publish=publish_one
     )
+
+
+def wait_until(
+    read: Callable[[], dict[str, Any] | None],
+    *,
+    done: Callable[[dict[str, Any]], bool],
+    timeout_s: float,
+    poll_s: float = 0.5,
+    what: str = "the run",
+) -> dict[str, Any]:
+    """Poll ``read`` until what it returns is ``done``; :class:`WaitTimedOut` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if value is not None and done(value):
+            return value
+        if time.monotonic() >= deadline:
+            state = f"still {value['status']}" if value is not None else "not created yet"
+            raise WaitTimedOut(f"{what} is {state} after {timeout_s:g}s")
+        time.sleep(poll_s)
+
+
+def run_is_final(run: Mapping[str, Any]) -> bool:
+    """Has an action run (a ledger record) ended?"""
+    return str(run["status"]) in FINAL
+
+
+def pipeline_run_is_final(run: Mapping[str, Any]) -> bool:
+    return str(run["status"]) != "running"
 
 
 def initial_slot(spec: ActionSpec, schedule: Schedule, now: datetime) -> datetime | None:
@@ -186,6 +216,22 @@ class ActionService:
     def get_run(self, run_id: int) -> dict[str, Any]:
         return self.repo.ledger.get(run_id)
 
+    def wait_run(self, run_id: int, *, timeout_s: float, poll_s: float = 0.5) -> dict[str, Any]:
+        """The run once it has ended (succeeded, failed, timed out, cancelled or skipped)."""
+        return wait_until(
+            lambda: self.get_run(run_id),
+            done=run_is_final,
+            timeout_s=timeout_s,
+            poll_s=poll_s,
+            what=f"run {run_id}",
+        )
+
+    def find_trigger(self, name: str, key: str) -> dict[str, Any] | None:
+        """The run a trigger of ``name`` with ``key`` made (for a ``gathering.trigger_action``
+        message without a key, its message id), or None while it is not recorded yet."""
+        action_id = int(self.repo.actions.get(name)["id"])
+        return self.repo.ledger.find(trigger_key(action_id, key))
+
     def list_runs(
         self, *, action: str | None = None, status: str | None = None, limit: int = 50
     ) -> list[dict[str, Any]]:
@@ -273,6 +319,11 @@ class PipelineService:
     def cancel(self, run_id: int) -> str:
         """Cancel a run: queued nodes end, running ones are told to stop."""
         return self.repo.pipelines.cancel_run(run_id, now=self._clock())
+
+    def find_run(self, key: str) -> dict[str, Any] | None:
+        """The run started with ``key`` (for a ``gathering.run_pipeline`` message without a
+        key, its message id), or None while it is not recorded yet."""
+        return self.repo.pipelines.find_run(f"api:{key}")
 
     def get_run(self, run_id: int) -> dict[str, Any]:
         """A run with every node record (status, attempt, input, output, error, timings)."""

@@ -72,3 +72,7 @@ class RunRetrying(GatheringError):
 
 class InvalidPayload(InvalidInput):
     """The message does not match the task's published contract (docs/contract.md)."""
+
+
+class WaitTimedOut(GatheringError):
+    """Gave up waiting: the run had not finished by the deadline (it goes on)."""

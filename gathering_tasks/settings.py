@@ -150,6 +150,19 @@ class Settings(BaseSettings):
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
+    # -- Operators: queues, user modules, metrics ----------------------------------------
+    # Workers also consume Celery's default queue ``celery``, so that a plain
+    # ``send_task("gathering.trigger_action", ...)`` without ``queue=`` is not lost. Turn it
+    # off on a broker shared with another Celery app that uses its default queue.
+    consume_celery_queue: bool = True
+    # Modules every worker (and beat) imports at start: user handlers and Celery tasks.
+    imports: CsvList = Field(default_factory=list)
+
+    @field_validator("imports", mode="before")
+    @classmethod
+    def _split_imports(cls, value: object) -> object:
+        return cls._split_csv(value)
+
 
 @functools.cache
 def get_settings() -> Settings:

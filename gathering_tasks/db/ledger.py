@@ -388,6 +388,14 @@ class SqlLedger(Sql):
                 raise NotFound(f"no run {record_id}")
             return record_to_dict(row)
 
+    def find(self, dedupe_key: str) -> dict[str, Any] | None:
+        """The record made for ``dedupe_key`` (a trigger's key), or None while there is none."""
+        with self.factory() as session:
+            row = session.scalars(
+                select(Execution).where(Execution.dedupe_key == dedupe_key)
+            ).first()
+            return record_to_dict(row) if row is not None else None
+
     def list_runs(
         self, *, action: str | None = None, status: str | None = None, limit: int = 50
     ) -> list[dict[str, Any]]:

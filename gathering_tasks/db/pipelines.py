@@ -389,6 +389,14 @@ class PipelineStore(Sql):
             out["nodes"] = _node_rows(session, run_id)
             return out
 
+    def find_run(self, dedupe_key: str) -> dict[str, Any] | None:
+        """The run started for ``dedupe_key`` (``api:<key>``), or None while there is none."""
+        with self.factory() as session:
+            run = session.scalars(
+                select(PipelineRun).where(PipelineRun.dedupe_key == dedupe_key)
+            ).first()
+            return run_to_dict(run) if run is not None else None
+
     def list_runs(self, name: str | None = None, *, limit: int = 50) -> list[dict[str, Any]]:
         r = PipelineRun
         stmt = select(r).order_by(r.id.desc()).limit(limit)
