@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -19,7 +21,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from gathering_tasks import runtime
+from gathering_tasks import __version__, runtime
 from gathering_tasks.api import ActionService, PipelineService, action_service, pipeline_service
 from gathering_tasks.db.migrate import upgrade
 from gathering_tasks.demo import (
@@ -30,9 +32,16 @@ from gathering_tasks.demo import (
     demo_pipeline,
     serve_sink,
 )
-from gathering_tasks.errors import GatheringError, InvalidInput, NotFound
+from gathering_tasks.errors import GatheringError, InvalidInput, NotFound, WaitTimedOut
 
-app = typer.Typer(help="gathering-tasks: scheduled actions on Celery.", no_args_is_help=True)
+HELP = """gathering-tasks: scheduled actions and pipelines on Celery.
+
+Exit codes: 0 ok; 1 error (database, broker, or a run that did not succeed with --wait);
+2 invalid input, nothing was written; 3 not found; 4 gave up waiting (--wait deadline).
+Errors are one line on stderr; --debug shows the traceback.
+"""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 actions_app = typer.Typer(help="Scheduled actions.", no_args_is_help=True)
 runs_app = typer.Typer(help="Runs of actions.", no_args_is_help=True)
@@ -46,6 +55,51 @@ app.add_typer(pipelines_app, name="pipelines")
 
 EXIT_INVALID = 2
 EXIT_NOT_FOUND = 3
+EXIT_WAIT_TIMED_OUT = 4
+
+
+class _Options:
+    debug = False
+
+
+def package_version() -> str:
+    """The installed distribution's version (the package's own in a bare checkout)."""
+    try:
+        return metadata.version("gathering-tasks")
+    except metadata.PackageNotFoundError:
+        return __version__
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"gathering-tasks {package_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    *,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+) -> None:
+    _Options.debug = debug
+
+
+def flower_config_path() -> Path:
+    """The Flower config: ``config/`` in a checkout, inside the package in a wheel."""
+    package = Path(__file__).resolve().parent
+    for candidate in (
+        package.parent / "config" / "flowerconfig.py",
+        package / "_config" / "flowerconfig.py",
+    ):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("the Flower config is missing from this installation")
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -58,16 +112,32 @@ def _errors() -> Iterator[None]:
     """One clear line on stderr, and an exit code that says what kind of error it was."""
     try:
         yield
-    except InvalidInput as exc:
-        _fail(str(exc), EXIT_INVALID)
-    except NotFound as exc:
-        _fail(str(exc), EXIT_NOT_FOUND)
-    except GatheringError as exc:
-        _fail(str(exc), 1)
-    except SQLAlchemyError as exc:
-        _fail(f"database error: {type(exc).__name__}: {str(exc).splitlines()[0]}", 1)
-    except (RedisError, BrokerError) as exc:
-        _fail(f"broker error: {exc}", 1)
+    except Exception as exc:
+        if _Options.debug:
+            raise
+        message, code = _explain(exc)
+        _fail(message, code)
+
+
+# The most specific class first: its message and exit code.
+_EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
+    (WaitTimedOut, EXIT_WAIT_TIMED_OUT),
+    (InvalidInput, EXIT_INVALID),
+    (NotFound, EXIT_NOT_FOUND),
+    (GatheringError, 1),
+)
+
+
+def _explain(exc: Exception) -> tuple[str, int]:
+    for cls, code in _EXIT_CODES:
+        if isinstance(exc, cls):
+            return str(exc), code
+    if isinstance(exc, SQLAlchemyError):
+        return f"database error: {type(exc).__name__}: {str(exc).splitlines()[0]}", 1
+    if isinstance(exc, (RedisError, BrokerError)):
+        return f"broker error: {exc}", 1
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first} (--debug shows the traceback)", 1
 
 
 def _service() -> ActionService:
@@ -355,6 +425,17 @@ def pipelines_runs(
                 f"{row['id']:>8} pipeline={row['pipeline_id']} v{row['pipeline_version']} "
                 f"{row['status']:<10} started={row['started_at']}"
             )
+
+
+@app.command(
+    "flower",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def flower(ctx: typer.Context) -> None:
+    """Run Flower with the bundled config (extra arguments go to ``celery flower``)."""
+    conf = flower_config_path()
+    argv = [sys.executable, "-m", "celery", "-A", "gathering_tasks", "flower", f"--conf={conf}"]
+    os.execv(sys.executable, [*argv, *ctx.args])  # noqa: S606 (our own interpreter)
 
 
 @demo_app.command("seed")
