@@ -33,6 +33,7 @@ from gathering_tasks.demo import (
     serve_sink,
 )
 from gathering_tasks.errors import GatheringError, InvalidInput, NotFound, WaitTimedOut
+from gathering_tasks.handlers import load_user_modules
 
 HELP = """gathering-tasks: scheduled actions and pipelines on Celery.
 
@@ -81,13 +82,14 @@ def _main(
     *,
     version: Annotated[
         bool,
-        typer.Option(
-            "--version", callback=_show_version, is_eager=True, help="Print the version."
-        ),
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version."),
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
 ) -> None:
     _Options.debug = debug
+    with _errors():
+        # Users' handlers (GATHERING_IMPORTS) register before any action is checked.
+        load_user_modules()
 
 
 def flower_config_path() -> Path:
