@@ -36,8 +36,8 @@ from gathering_tasks.api import (
     wait_until,
 )
 from gathering_tasks.contract import DEFAULT_QUEUE, RUN_PIPELINE, TRIGGER_ACTION
-from gathering_tasks.db.engine import session_factory
 from gathering_tasks.db.repo import Repository
+from gathering_tasks.runtime import open_repository
 from gathering_tasks.settings import Settings
 
 __all__ = ["DEFAULT_QUEUE", "RUN_PIPELINE", "TRIGGER_ACTION", "GatheringClient"]
@@ -128,7 +128,7 @@ class GatheringClient:
     def _repository(self) -> Repository:
         if self._database_url is None:
             raise ValueError("finding runs needs the client's database_url")
-        return Repository(session_factory(self._database_url))
+        return open_repository(self._database_url)
 
     def _actions(self) -> ActionService:
         settings = Settings(database_url=self._database_url or "")

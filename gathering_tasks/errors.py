@@ -76,3 +76,7 @@ class InvalidPayload(InvalidInput):
 
 class WaitTimedOut(GatheringError):
     """Gave up waiting: the run had not finished by the deadline (it goes on)."""
+
+
+class SchemaMissing(GatheringError):
+    """The database has no schema yet: run `gathering-tasks db upgrade`."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -24,7 +25,22 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gathering_tasks.db.engine import DbTimeouts
 
-DEFAULT_SQLITE_PATH = Path("var") / "gathering.db"
+
+def gathering_home() -> Path:
+    """Where the embedded default keeps its files: ``$GATHERING_HOME``, else the user's data
+    directory (``$XDG_DATA_HOME/gathering-tasks``, by default ``~/.local/share/gathering-tasks``).
+    Absolute, so every process finds the same database from any directory."""
+    home = os.environ.get("GATHERING_HOME")
+    if home:
+        return Path(home).expanduser().resolve()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data).expanduser().resolve() / "gathering-tasks"
+
+
+def default_database_url() -> str:
+    """The embedded default: a SQLite file in :func:`gathering_home`."""
+    return f"sqlite:///{gathering_home() / 'gathering.db'}"
+
 
 # Lists come from the environment as comma-separated text (or a JSON array).
 CsvList = Annotated[list[str], NoDecode]
@@ -36,7 +52,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATHERING_", extra="ignore", frozen=True)
 
     # URLs may carry passwords: keep them out of repr() and logs.
-    database_url: str = Field(default=f"sqlite:///{DEFAULT_SQLITE_PATH}", repr=False)
+    database_url: str = Field(default_factory=default_database_url, repr=False)
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
     broker_url_override: str | None = Field(default=None, alias="GATHERING_BROKER_URL", repr=False)
     key_prefix: str = "gathering"
