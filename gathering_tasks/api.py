@@ -5,6 +5,7 @@ Every change lands in the database and takes effect at beat's next tick; no rest
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -20,8 +21,9 @@ from gathering_tasks.actions import NAME_RE, ActionSpec, validate_action
 from gathering_tasks.app import app as celery_app
 from gathering_tasks.clock import utcnow
 from gathering_tasks.db.ledger import FINAL, Dispatch, trigger_key
+from gathering_tasks.db.models import ACTION_STATUSES, RUN_STATUSES
 from gathering_tasks.db.repo import Repository
-from gathering_tasks.errors import InvalidInput, WaitTimedOut
+from gathering_tasks.errors import InvalidInput, NotFound, WaitTimedOut
 from gathering_tasks.pipelines.definition import PipelineSpec, parse_pipeline
 from gathering_tasks.publish import publish
 from gathering_tasks.schedules import OnceSchedule, Schedule, first_slot, schedule_to_spec
@@ -90,6 +92,53 @@ def _columns(spec: ActionSpec, schedule: Schedule) -> dict[str, Any]:
     return values
 
 
+# What ``actions show`` prints besides the definition: state, never accepted as input.
+READ_ONLY_FIELDS = frozenset(
+    {"id", "status", "run_count", "next_run_at", "last_run_at", "skipped_slots", "archived_at"}
+)
+
+
+def action_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An action as ``actions show`` prints it: the definition (``config``), then its state.
+
+    ``actions add --file`` accepts exactly this back (see :func:`definition_from_view`)."""
+    view = {key: value for key, value in row.items() if key != "action_config"}
+    view["config"] = row.get("action_config")
+    return view
+
+
+def definition_from_view(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A definition from what a user wrote, or from ``actions show`` output: state fields are
+    dropped, ``action_config`` is read as ``config``, and unset (null) fields are left out."""
+    out = {k: v for k, v in data.items() if k not in READ_ONLY_FIELDS and v is not None}
+    if "action_config" in out:
+        legacy = out.pop("action_config")
+        out.setdefault("config", legacy)
+    return out
+
+
+def assign_paths(spec: Mapping[str, Any], assignments: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` with each dotted ``path`` set to its value (nested objects made as needed)."""
+    out: dict[str, Any] = json.loads(json.dumps(spec, default=str))
+    for path, value in assignments.items():
+        head, *rest = path.split(".")
+        if head not in ActionSpec.model_fields or head in READ_ONLY_FIELDS:
+            raise InvalidInput("is not a field of an action definition", field=path)
+        target = out
+        for part in [head, *rest][:-1]:
+            child = target.get(part)
+            if not isinstance(child, dict):
+                child = target[part] = {}
+            target = child
+        target[[head, *rest][-1]] = value
+    return out
+
+
+def _known(value: str | None, allowed: tuple[str, ...], field: str) -> None:
+    if value is not None and value not in allowed:
+        raise InvalidInput(f"must be one of {', '.join(allowed)}", field=field)
+
+
 def _spec_data(current: Mapping[str, Any]) -> dict[str, Any]:
     """An action row as the definition a user would write (``config``, not ``action_config``)."""
     data = {
@@ -147,10 +196,20 @@ class ActionService:
         Read, validation and write happen under the action's row lock, so a concurrent
         pause or resume is never lost.
         """
+        return self._change(name, lambda spec: {**spec, **changes})
+
+    def edit(self, name: str, assignments: Mapping[str, Any]) -> dict[str, Any]:
+        """Set fields by dotted path (``{"config.kwargs.who": "ops", "timeout_s": 30}``),
+        applied to the definition read under the row lock, then validated as a whole."""
+        return self._change(name, lambda spec: assign_paths(spec, assignments))
+
+    def _change(
+        self, name: str, edit: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> dict[str, Any]:
         now = self._clock()
 
         def change(current: dict[str, Any]) -> dict[str, Any]:
-            merged = {**_spec_data(current), **changes}
+            merged = edit(_spec_data(current))
             if merged.get("name") != name:
                 raise InvalidInput("cannot be changed; create a new action instead", field="name")
             spec, schedule = self._validate(merged, now)
@@ -165,6 +224,8 @@ class ActionService:
         return self.repo.actions.get(name)
 
     def list_actions(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Live actions, or those with ``status`` (one of ``ACTION_STATUSES``)."""
+        _known(status, ACTION_STATUSES, "status")
         return self.repo.actions.list_actions(status)
 
     def pause(self, name: str) -> dict[str, Any]:
@@ -235,7 +296,23 @@ class ActionService:
     def list_runs(
         self, *, action: str | None = None, status: str | None = None, limit: int = 50
     ) -> list[dict[str, Any]]:
-        return self.repo.ledger.list_runs(action=action, status=status, limit=limit)
+        """Recent runs; an unknown ``status`` is InvalidInput, an unknown ``action`` NotFound."""
+        _known(status, RUN_STATUSES, "status")
+        runs = self.repo.ledger.list_runs(action=action, status=status, limit=limit)
+        if action and not runs and not self._ever_existed(action):
+            raise NotFound(f"no action named {action!r}")
+        return runs
+
+    def _ever_existed(self, name: str) -> bool:
+        try:
+            self.repo.actions.get(name)
+        except NotFound:
+            return any(a["name"] == name for a in self.repo.actions.list_actions("archived"))
+        return True
+
+    def runs_by_status(self, *, since: datetime) -> dict[str, int]:
+        """Records (actions' runs and pipeline nodes) changed since ``since``, by status."""
+        return self.repo.ledger.count_runs(since=since)
 
 
 def pipeline_service() -> PipelineService:

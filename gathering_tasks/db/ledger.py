@@ -410,11 +410,16 @@ class SqlLedger(Sql):
         with self.factory() as session:
             return [record_to_dict(row) for row in session.scalars(stmt)]
 
-    def count_runs(self, statuses: Iterable[str] | None = None) -> dict[str, int]:
+    def count_runs(
+        self, statuses: Iterable[str] | None = None, *, since: datetime | None = None
+    ) -> dict[str, int]:
+        """Records by status (``since``: only those changed since then)."""
         e = Execution
         stmt = select(e.status, func.count()).group_by(e.status)
         if statuses:
             stmt = stmt.where(e.status.in_(list(statuses)))
+        if since is not None:
+            stmt = stmt.where(e.updated_at >= since)
         with self.factory() as session:
             return {status: count for status, count in session.execute(stmt).all()}
 
