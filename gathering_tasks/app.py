@@ -7,11 +7,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
-from celery.signals import celeryd_init, worker_process_init
+from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown
 from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
-from gathering_tasks import runtime
+from gathering_tasks import metrics, runtime
 from gathering_tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,21 @@ def _worker_transport(conf: Any, **_kwargs: Any) -> None:
         conf.broker_transport = f"{__name__}:RedisTransport"
 
 
+def _worker_metrics(**_kwargs: Any) -> None:
+    # Before the pool forks: its processes inherit where to write their samples.
+    metrics.serve_worker()
+
+
+def _pool_process_exited(pid: int, **_kwargs: Any) -> None:
+    metrics.process_exited(pid)
+
+
 def _after_fork(**_kwargs: Any) -> None:
     # Pooled DB and Redis connections must not be shared across a fork.
     runtime.reset(after_fork=True)
 
 
 celeryd_init.connect(_worker_transport, weak=False)
+celeryd_init.connect(_worker_metrics, weak=False)
+worker_process_shutdown.connect(_pool_process_exited, weak=False)
 worker_process_init.connect(_after_fork, weak=False)

@@ -174,6 +174,13 @@ class Settings(BaseSettings):
     # Modules every worker (and beat) imports at start: user handlers and Celery tasks.
     imports: CsvList = Field(default_factory=list)
 
+    # Prometheus metrics (docs/metrics.md): off unless a port is given. Give each process
+    # on a host its own port (a worker's pool children share their parent's endpoint).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_address: str = "127.0.0.1"
+    # Where a worker's pool processes keep their samples (default: a fresh temporary dir).
+    metrics_dir: str | None = None
+
     @field_validator("imports", mode="before")
     @classmethod
     def _split_imports(cls, value: object) -> object:

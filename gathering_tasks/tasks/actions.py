@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 
-from gathering_tasks import keys, runtime
+from gathering_tasks import keys, metrics, runtime
 from gathering_tasks.app import app
 from gathering_tasks.clock import utcnow
 from gathering_tasks.contract import RUN_PIPELINE, TRIGGER_ACTION, check_payload
@@ -134,7 +135,10 @@ def _register(kind_name: str) -> Any:
 
     def run(self: Task, *args: Any, **kwargs: Any) -> str:
         _checked(self, args, kwargs)
-        return celery_outcome(_execute(self, kind_name, args[0]))
+        started = time.monotonic()
+        report = _execute(self, kind_name, args[0])
+        metrics.ran(kind_name, report.status, time.monotonic() - started)
+        return celery_outcome(report)
 
     run.__name__ = kind_name
     run.__doc__ = f"Execute a {kind_name} run ({summary}) under the guard."
