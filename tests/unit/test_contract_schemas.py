@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from jsonschema import Draft202012Validator
 
-from gathering_tasks.tasks import TASKS, call_api, run_pipeline, trigger_action
 from gathering_tasks.contract import TASK_NAMES, check_payload, schema
 from gathering_tasks.errors import InvalidPayload
+from gathering_tasks.tasks import TASKS, call_api, run_pipeline, trigger_action
 
 
 def test_every_gathering_task_has_a_valid_schema_whose_examples_pass():
