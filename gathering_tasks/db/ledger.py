@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
@@ -95,10 +95,11 @@ class Dispatch:
     priority: int | None = None
     timeout_s: int | None = None
     countdown_s: float = 0.0  # not before this many seconds (a delay node's countdown)
-    # For people watching the broker (Flower, logs): never read back by a worker.
-    label: str | None = None  # the record's name (action, or pipeline.node)
-    slot: datetime | None = None
-    attempt: int | None = None  # the attempt this message is expected to start
+    # For people watching the broker (Flower, logs): never read back by a worker, and not
+    # part of a dispatch's identity (two dispatches of one record route the same).
+    label: str | None = field(default=None, compare=False)  # the record's name
+    slot: datetime | None = field(default=None, compare=False)
+    attempt: int | None = field(default=None, compare=False)  # the attempt it should start
 
 
 @dataclass(frozen=True)
