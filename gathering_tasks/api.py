@@ -5,7 +5,9 @@ Every change lands in the database and takes effect at beat's next tick; no rest
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -18,9 +20,10 @@ from gathering_tasks import runtime
 from gathering_tasks.actions import NAME_RE, ActionSpec, validate_action
 from gathering_tasks.app import app as celery_app
 from gathering_tasks.clock import utcnow
-from gathering_tasks.db.ledger import Dispatch
+from gathering_tasks.db.ledger import FINAL, Dispatch, trigger_key
+from gathering_tasks.db.models import ACTION_STATUSES, RUN_STATUSES
 from gathering_tasks.db.repo import Repository
-from gathering_tasks.errors import InvalidInput
+from gathering_tasks.errors import InvalidInput, NotFound, WaitTimedOut
 from gathering_tasks.pipelines.definition import PipelineSpec, parse_pipeline
 from gathering_tasks.publish import publish
 from gathering_tasks.schedules import OnceSchedule, Schedule, first_slot, schedule_to_spec
@@ -42,6 +45,35 @@ def action_service() -> ActionService:
     )
 
 
+def wait_until(
+    read: Callable[[], dict[str, Any] | None],
+    *,
+    done: Callable[[dict[str, Any]], bool],
+    timeout_s: float,
+    poll_s: float = 0.5,
+    what: str = "the run",
+) -> dict[str, Any]:
+    """Poll ``read`` until what it returns is ``done``; :class:`WaitTimedOut` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if value is not None and done(value):
+            return value
+        if time.monotonic() >= deadline:
+            state = f"still {value['status']}" if value is not None else "not created yet"
+            raise WaitTimedOut(f"{what} is {state} after {timeout_s:g}s")
+        time.sleep(poll_s)
+
+
+def run_is_final(run: Mapping[str, Any]) -> bool:
+    """Has an action run (a ledger record) ended?"""
+    return str(run["status"]) in FINAL
+
+
+def pipeline_run_is_final(run: Mapping[str, Any]) -> bool:
+    return str(run["status"]) != "running"
+
+
 def initial_slot(spec: ActionSpec, schedule: Schedule, now: datetime) -> datetime | None:
     """The first slot an action runs: at or after now and its start, not past its end."""
     not_before = max(now, spec.start_at) if spec.start_at else now
@@ -58,6 +90,53 @@ def _columns(spec: ActionSpec, schedule: Schedule) -> dict[str, Any]:
     # later parse gives the same slots.
     values["schedule"] = schedule_to_spec(schedule)
     return values
+
+
+# What ``actions show`` prints besides the definition: state, never accepted as input.
+READ_ONLY_FIELDS = frozenset(
+    {"id", "status", "run_count", "next_run_at", "last_run_at", "skipped_slots", "archived_at"}
+)
+
+
+def action_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An action as ``actions show`` prints it: the definition (``config``), then its state.
+
+    ``actions add --file`` accepts exactly this back (see :func:`definition_from_view`)."""
+    view = {key: value for key, value in row.items() if key != "action_config"}
+    view["config"] = row.get("action_config")
+    return view
+
+
+def definition_from_view(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A definition from what a user wrote, or from ``actions show`` output: state fields are
+    dropped, ``action_config`` is read as ``config``, and unset (null) fields are left out."""
+    out = {k: v for k, v in data.items() if k not in READ_ONLY_FIELDS and v is not None}
+    if "action_config" in out:
+        legacy = out.pop("action_config")
+        out.setdefault("config", legacy)
+    return out
+
+
+def assign_paths(spec: Mapping[str, Any], assignments: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` with each dotted ``path`` set to its value (nested objects made as needed)."""
+    out: dict[str, Any] = json.loads(json.dumps(spec, default=str))
+    for path, value in assignments.items():
+        head, *rest = path.split(".")
+        if head not in ActionSpec.model_fields or head in READ_ONLY_FIELDS:
+            raise InvalidInput("is not a field of an action definition", field=path)
+        target = out
+        for part in [head, *rest][:-1]:
+            child = target.get(part)
+            if not isinstance(child, dict):
+                child = target[part] = {}
+            target = child
+        target[[head, *rest][-1]] = value
+    return out
+
+
+def _known(value: str | None, allowed: tuple[str, ...], field: str) -> None:
+    if value is not None and value not in allowed:
+        raise InvalidInput(f"must be one of {', '.join(allowed)}", field=field)
 
 
 def _spec_data(current: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,10 +197,20 @@ class ActionService:
         Read, validation and write happen under the action's row lock, so a concurrent
         pause or resume is never lost.
         """
+        return self._change(name, lambda spec: {**spec, **changes})
+
+    def edit(self, name: str, assignments: Mapping[str, Any]) -> dict[str, Any]:
+        """Set fields by dotted path (``{"config.kwargs.who": "ops", "timeout_s": 30}``),
+        applied to the definition read under the row lock, then validated as a whole."""
+        return self._change(name, lambda spec: assign_paths(spec, assignments))
+
+    def _change(
+        self, name: str, edit: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> dict[str, Any]:
         now = self._clock()
 
         def change(current: dict[str, Any]) -> dict[str, Any]:
-            merged = {**_spec_data(current), **changes}
+            merged = edit(_spec_data(current))
             if merged.get("name") != name:
                 raise InvalidInput("cannot be changed; create a new action instead", field="name")
             spec, schedule = self._validate(merged, now)
@@ -136,6 +225,8 @@ class ActionService:
         return self.repo.actions.get(name)
 
     def list_actions(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Live actions, or those with ``status`` (one of ``ACTION_STATUSES``)."""
+        _known(status, ACTION_STATUSES, "status")
         return self.repo.actions.list_actions(status)
 
     def pause(self, name: str) -> dict[str, Any]:
@@ -187,10 +278,42 @@ class ActionService:
     def get_run(self, run_id: int) -> dict[str, Any]:
         return self.repo.ledger.get(run_id)
 
+    def wait_run(self, run_id: int, *, timeout_s: float, poll_s: float = 0.5) -> dict[str, Any]:
+        """The run once it has ended (succeeded, failed, timed out, cancelled or skipped)."""
+        return wait_until(
+            lambda: self.get_run(run_id),
+            done=run_is_final,
+            timeout_s=timeout_s,
+            poll_s=poll_s,
+            what=f"run {run_id}",
+        )
+
+    def find_trigger(self, name: str, key: str) -> dict[str, Any] | None:
+        """The run a trigger of ``name`` with ``key`` made (for a ``gathering.trigger_action``
+        message without a key, its message id), or None while it is not recorded yet."""
+        action_id = int(self.repo.actions.get(name)["id"])
+        return self.repo.ledger.find(trigger_key(action_id, key))
+
     def list_runs(
         self, *, action: str | None = None, status: str | None = None, limit: int = 50
     ) -> list[dict[str, Any]]:
-        return self.repo.ledger.list_runs(action=action, status=status, limit=limit)
+        """Recent runs; an unknown ``status`` is InvalidInput, an unknown ``action`` NotFound."""
+        _known(status, RUN_STATUSES, "status")
+        runs = self.repo.ledger.list_runs(action=action, status=status, limit=limit)
+        if action and not runs and not self._ever_existed(action):
+            raise NotFound(f"no action named {action!r}")
+        return runs
+
+    def _ever_existed(self, name: str) -> bool:
+        try:
+            self.repo.actions.get(name)
+        except NotFound:
+            return any(a["name"] == name for a in self.repo.actions.list_actions("archived"))
+        return True
+
+    def runs_by_status(self, *, since: datetime) -> dict[str, int]:
+        """Records (actions' runs and pipeline nodes) changed since ``since``, by status."""
+        return self.repo.ledger.count_runs(since=since)
 
 
 def pipeline_service() -> PipelineService:
@@ -274,6 +397,11 @@ class PipelineService:
     def cancel(self, run_id: int) -> str:
         """Cancel a run: queued nodes end, running ones are told to stop."""
         return self.repo.pipelines.cancel_run(run_id, now=self._clock())
+
+    def find_run(self, key: str) -> dict[str, Any] | None:
+        """The run started with ``key`` (for a ``gathering.run_pipeline`` message without a
+        key, its message id), or None while it is not recorded yet."""
+        return self.repo.pipelines.find_run(f"api:{key}")
 
     def get_run(self, run_id: int) -> dict[str, Any]:
         """A run with every node record (status, attempt, input, output, error, timings)."""

@@ -7,13 +7,28 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
-from celery.signals import celeryd_init, worker_process_init
+from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown
+from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
-from gathering_tasks import runtime
+from gathering_tasks import metrics, runtime
 from gathering_tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+
+# Celery's default queue: where ``send_task`` puts a message that names no queue.
+CELERY_DEFAULT_QUEUE = "celery"
+
+
+def worker_queues(settings: Settings) -> tuple[Queue, ...]:
+    """The queues a worker consumes unless ``-Q`` says otherwise (docs/contract.md)."""
+    name = settings.default_queue
+    names = [name]
+    if settings.consume_celery_queue and name != CELERY_DEFAULT_QUEUE:
+        names.append(CELERY_DEFAULT_QUEUE)
+    # Each queue bound to its own direct exchange: what a plain client declares for it.
+    return tuple(Queue(n, Exchange(n), routing_key=n) for n in names)  # type: ignore[no-untyped-call]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -41,6 +56,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": settings.default_queue,
         "task_default_exchange": settings.default_queue,
         "task_default_routing_key": settings.default_queue,
+        "task_queues": worker_queues(settings),
         # Flower sees everything.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -50,7 +66,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
-        "imports": ("gathering_tasks.tasks",),
+        # Our tasks, then the user's modules (GATHERING_IMPORTS): handlers and Celery tasks.
+        "imports": ("gathering_tasks.tasks", *settings.imports),
     }
 
 
@@ -92,10 +109,21 @@ def _worker_transport(conf: Any, **_kwargs: Any) -> None:
         conf.broker_transport = f"{__name__}:RedisTransport"
 
 
+def _worker_metrics(**_kwargs: Any) -> None:
+    # Before the pool forks: its processes inherit where to write their samples.
+    metrics.serve_worker()
+
+
+def _pool_process_exited(pid: int, **_kwargs: Any) -> None:
+    metrics.process_exited(pid)
+
+
 def _after_fork(**_kwargs: Any) -> None:
     # Pooled DB and Redis connections must not be shared across a fork.
     runtime.reset(after_fork=True)
 
 
 celeryd_init.connect(_worker_transport, weak=False)
+celeryd_init.connect(_worker_metrics, weak=False)
+worker_process_shutdown.connect(_pool_process_exited, weak=False)
 worker_process_init.connect(_after_fork, weak=False)

@@ -23,7 +23,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from gathering_tasks import keys, runtime
+from gathering_tasks import keys, metrics, runtime
 from gathering_tasks.clock import utcnow
 from gathering_tasks.db.claims import DueAction, SlotPlan
 from gathering_tasks.db.ledger import Dispatch
@@ -136,6 +136,11 @@ class BeatEngine:
 
     def lead(self) -> bool:
         """Hold the leader lease: extend it if ours, else try to take it."""
+        leading = self._lead()
+        metrics.leading(leading)
+        return leading
+
+    def _lead(self) -> bool:
         if self.is_leader:
             if self.lease.extend():
                 return True
@@ -163,6 +168,7 @@ class BeatEngine:
                 plan=self.planner,
             )
             published += self._publish(batch.dispatches)
+            metrics.claimed(batch.dispatches, now)
             if not batch.more or not batch.actions:
                 return published
             if not self.lead():
@@ -233,6 +239,7 @@ class DatabaseScheduler(Scheduler):  # type: ignore[misc]
             settings, runtime.repository(), lease, self.app, run_lease_alive=run_lease_alive
         )
         self.max_interval = settings.beat_tick_s
+        metrics.serve_beat()
         log.info("database scheduler ready (tick %.2fs)", settings.beat_tick_s)
 
     def tick(self, *_args: Any, **_kwargs: Any) -> float:

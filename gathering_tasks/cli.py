@@ -8,19 +8,32 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
+from urllib.parse import urlsplit
 
 import typer
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from gathering_tasks import runtime
-from gathering_tasks.api import ActionService, PipelineService, action_service, pipeline_service
+from gathering_tasks import __version__, runtime
+from gathering_tasks.api import (
+    ActionService,
+    PipelineService,
+    action_service,
+    action_view,
+    definition_from_view,
+    pipeline_service,
+)
+from gathering_tasks.app import app as celery_app
+from gathering_tasks.app import worker_queues
+from gathering_tasks.clock import utcnow
 from gathering_tasks.db.migrate import upgrade
 from gathering_tasks.demo import (
     DEMO_ACTIONS,
@@ -30,9 +43,18 @@ from gathering_tasks.demo import (
     demo_pipeline,
     serve_sink,
 )
-from gathering_tasks.errors import GatheringError, InvalidInput, NotFound
+from gathering_tasks.errors import GatheringError, InvalidInput, NotFound, WaitTimedOut
+from gathering_tasks.handlers import load_user_modules
+from gathering_tasks.status import Status, collect, since
 
-app = typer.Typer(help="gathering-tasks: scheduled actions on Celery.", no_args_is_help=True)
+HELP = """gathering-tasks: scheduled actions and pipelines on Celery.
+
+Exit codes: 0 ok; 1 error (database, broker, or a run that did not succeed with --wait);
+2 invalid input, nothing was written; 3 not found; 4 gave up waiting (--wait deadline).
+Errors are one line on stderr; --debug shows the traceback.
+"""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 actions_app = typer.Typer(help="Scheduled actions.", no_args_is_help=True)
 runs_app = typer.Typer(help="Runs of actions.", no_args_is_help=True)
@@ -46,6 +68,52 @@ app.add_typer(pipelines_app, name="pipelines")
 
 EXIT_INVALID = 2
 EXIT_NOT_FOUND = 3
+EXIT_WAIT_TIMED_OUT = 4
+
+
+class _Options:
+    debug = False
+
+
+def package_version() -> str:
+    """The installed distribution's version (the package's own in a bare checkout)."""
+    try:
+        return metadata.version("gathering-tasks")
+    except metadata.PackageNotFoundError:
+        return __version__
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"gathering-tasks {package_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    *,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version."),
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+) -> None:
+    _Options.debug = debug
+    with _errors():
+        # Users' handlers (GATHERING_IMPORTS) register before any action is checked.
+        load_user_modules()
+
+
+def flower_config_path() -> Path:
+    """The Flower config: ``config/`` in a checkout, inside the package in a wheel."""
+    package = Path(__file__).resolve().parent
+    for candidate in (
+        package.parent / "config" / "flowerconfig.py",
+        package / "_config" / "flowerconfig.py",
+    ):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("the Flower config is missing from this installation")
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -58,16 +126,32 @@ def _errors() -> Iterator[None]:
     """One clear line on stderr, and an exit code that says what kind of error it was."""
     try:
         yield
-    except InvalidInput as exc:
-        _fail(str(exc), EXIT_INVALID)
-    except NotFound as exc:
-        _fail(str(exc), EXIT_NOT_FOUND)
-    except GatheringError as exc:
-        _fail(str(exc), 1)
-    except SQLAlchemyError as exc:
-        _fail(f"database error: {type(exc).__name__}: {str(exc).splitlines()[0]}", 1)
-    except (RedisError, BrokerError) as exc:
-        _fail(f"broker error: {exc}", 1)
+    except Exception as exc:
+        if _Options.debug:
+            raise
+        message, code = _explain(exc)
+        _fail(message, code)
+
+
+# The most specific class first: its message and exit code.
+_EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
+    (WaitTimedOut, EXIT_WAIT_TIMED_OUT),
+    (InvalidInput, EXIT_INVALID),
+    (NotFound, EXIT_NOT_FOUND),
+    (GatheringError, 1),
+)
+
+
+def _explain(exc: Exception) -> tuple[str, int]:
+    for cls, code in _EXIT_CODES:
+        if isinstance(exc, cls):
+            return str(exc), code
+    if isinstance(exc, SQLAlchemyError):
+        return f"database error: {type(exc).__name__}: {str(exc).splitlines()[0]}", 1
+    if isinstance(exc, (RedisError, BrokerError)):
+        return f"broker error: {exc}", 1
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first} (--debug shows the traceback)", 1
 
 
 def _service() -> ActionService:
@@ -101,8 +185,12 @@ def _read_definition(path: Path) -> dict[str, Any]:
 @db_app.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
     """Apply the migrations (the only way the schema is made)."""
-    upgrade(runtime.settings().database_url, revision)
-    typer.echo(f"database at revision {revision}")
+    with _errors():
+        upgrade(runtime.settings().database_url, revision)
+        typer.echo(f"database at revision {revision}")
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON array (stable fields).")]
 
 
 def _schedule_from_flags(
@@ -133,12 +221,24 @@ def actions_add(
     at: Annotated[str | None, typer.Option(help="One-shot time, ISO-8601 with offset.")] = None,
     catchup: Annotated[str, typer.Option(help="skip | latest | all")] = "latest",
     max_runs: Annotated[int | None, typer.Option(help="Stop after this many runs.")] = None,
-    file: Annotated[Path | None, typer.Option(help="Whole action definition as JSON.")] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Whole definition as JSON (`actions show` output works); flags given "
+            "with it override its fields."
+        ),
+    ] = None,
 ) -> None:
     """Create an action (from flags, or from a JSON file with every field)."""
     with _errors():
         if file is not None:
-            data = _read_definition(file)
+            data = definition_from_view(_read_definition(file))
+            overrides = {
+                "name": name,
+                "action_type": action_type,
+                "config": _json_arg(config, "config"),
+            }
+            data.update({k: v for k, v in overrides.items() if v is not None})
         else:
             data = {
                 "name": name,
@@ -148,14 +248,21 @@ def actions_add(
                 "catchup_mode": catchup,
                 "max_runs": max_runs,
             }
-        _print(_service().create({k: v for k, v in data.items() if v is not None}))
+        _print(action_view(_service().create({k: v for k, v in data.items() if v is not None})))
 
 
 @actions_app.command("list")
-def actions_list(status: Annotated[str | None, typer.Option()] = None) -> None:
+def actions_list(
+    status: Annotated[str | None, typer.Option(help="active | paused | ... | archived")] = None,
+    as_json: JsonFlag = False,
+) -> None:
     """List actions."""
     with _errors():
-        for action in _service().list_actions(status):
+        actions = [action_view(a) for a in _service().list_actions(status)]
+        if as_json:
+            _print(actions)
+            return
+        for action in actions:
             typer.echo(
                 f"{action['name']:<32} {action['action_type']:<18} {action['status']:<10} "
                 f"next={action['next_run_at']}"
@@ -164,23 +271,64 @@ def actions_list(status: Annotated[str | None, typer.Option()] = None) -> None:
 
 @actions_app.command("show")
 def actions_show(name: str) -> None:
-    """Show one action."""
+    """Show one action (JSON that `actions add --file` accepts back)."""
     with _errors():
-        _print(_service().get(name))
+        _print(action_view(_service().get(name)))
+
+
+def _assignments(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        path, sep, text = pair.partition("=")
+        if not sep or not path:
+            raise InvalidInput(f"expected field=value, got {pair!r}", field="--set")
+        try:
+            out[path] = json.loads(text)
+        except json.JSONDecodeError:
+            out[path] = text  # a bare word is a string
+    return out
+
+
+@actions_app.command("edit")
+def actions_edit(
+    name: str,
+    assignments: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="field=value, dotted into objects (config.kwargs.who=ops); the value is JSON, "
+            "or else a string. Repeatable.",
+        ),
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option(help="Fields to change as a JSON object (`show` output works).")
+    ] = None,
+) -> None:
+    """Change an action; its next slot is recomputed from now."""
+    with _errors():
+        service = _service()
+        if file is not None:
+            changes = definition_from_view(_read_definition(file))
+            service.update(name, changes)
+        if assignments:
+            service.edit(name, _assignments(assignments))
+        if file is None and not assignments:
+            raise InvalidInput("give --set field=value or --file", field="edit")
+        _print(action_view(service.get(name)))
 
 
 @actions_app.command("pause")
 def actions_pause(name: str) -> None:
     """Pause an action; beat stops firing it at its next tick."""
     with _errors():
-        _print(_service().pause(name))
+        _print(action_view(_service().pause(name)))
 
 
 @actions_app.command("resume")
 def actions_resume(name: str) -> None:
     """Resume an action from now (slots missed while paused are not run)."""
     with _errors():
-        _print(_service().resume(name))
+        _print(action_view(_service().resume(name)))
 
 
 @actions_app.command("delete")
@@ -203,26 +351,50 @@ def actions_trigger(
         typer.echo(f"run {_service().trigger(name, key=key)} queued")
 
 
+def run_view(run: dict[str, Any]) -> dict[str, Any]:
+    """A run as `runs list --json` prints it: the record's fields and the action's name."""
+    definition = run.get("definition") or {}
+    view = {key: value for key, value in run.items() if key != "definition"}
+    return {"id": run["id"], "action": definition.get("name"), **view}
+
+
 @runs_app.command("list")
 def runs_list(
-    action: Annotated[str | None, typer.Option()] = None,
-    status: Annotated[str | None, typer.Option()] = None,
+    action: Annotated[str | None, typer.Option(help="Only this action's runs.")] = None,
+    status: Annotated[str | None, typer.Option(help="pending | running | ... | skipped")] = None,
     limit: int = 50,
+    as_json: JsonFlag = False,
 ) -> None:
     """List recent runs."""
     with _errors():
-        for run in _service().list_runs(action=action, status=status, limit=limit):
+        runs = [
+            run_view(r) for r in _service().list_runs(action=action, status=status, limit=limit)
+        ]
+        if as_json:
+            _print(runs)
+            return
+        for run in runs:
             typer.echo(
-                f"{run['id']:>8} action={run['action_id']:<6} {run['status']:<10} "
+                f"{run['id']:>8} {run['action'] or '-':<32} {run['status']:<10} "
                 f"attempt={run['attempt']} slot={run['scheduled_for']} trigger={run['trigger']}"
             )
 
 
 @runs_app.command("show")
-def runs_show(run_id: int) -> None:
+def runs_show(
+    run_id: int,
+    wait: Annotated[
+        bool, typer.Option(help="Wait until the run ends; exit 0 if it succeeded, else 1.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="With --wait: give up (exit 4) after s.")] = 600,
+) -> None:
     """Show one run."""
     with _errors():
-        _print(_service().get_run(run_id))
+        service = _service()
+        run = service.wait_run(run_id, timeout_s=timeout) if wait else service.get_run(run_id)
+        _print({"action": (run.get("definition") or {}).get("name"), **run})
+    if wait and run["status"] != "succeeded":
+        raise typer.Exit(1)
 
 
 @runs_app.command("cancel")
@@ -270,10 +442,14 @@ def pipelines_update(name: str, file: Path) -> None:
 
 
 @pipelines_app.command("list")
-def pipelines_list() -> None:
+def pipelines_list(as_json: JsonFlag = False) -> None:
     """List pipelines."""
     with _errors():
-        for row in _pipelines().list_pipelines():
+        rows = _pipelines().list_pipelines()
+        if as_json:
+            _print(rows)
+            return
+        for row in rows:
             nodes = len(row["definition"].get("nodes", []))
             typer.echo(f"{row['name']:<32} v{row['version']:<4} {nodes} nodes")
 
@@ -286,10 +462,14 @@ def pipelines_show(name: str) -> None:
 
 
 @pipelines_app.command("versions")
-def pipelines_versions(name: str) -> None:
+def pipelines_versions(name: str, as_json: JsonFlag = False) -> None:
     """List a pipeline's versions."""
     with _errors():
-        for version in _pipelines().versions(name):
+        versions = _pipelines().versions(name)
+        if as_json:
+            _print(versions)
+            return
+        for version in versions:
             typer.echo(f"v{version['version']:<4} {version['created_at']}")
 
 
@@ -344,17 +524,77 @@ def pipelines_runs(
     name: Annotated[str | None, typer.Argument()] = None,
     run: Annotated[int | None, typer.Option(help="Show this run with every node.")] = None,
     limit: int = 50,
+    as_json: JsonFlag = False,
 ) -> None:
     """List recent pipeline runs, or show one with its nodes."""
     with _errors():
         if run is not None:
             _print(_pipelines().get_run(run))
             return
-        for row in _pipelines().list_runs(name, limit=limit):
+        rows = _pipelines().list_runs(name, limit=limit)
+        if as_json:
+            _print(rows)
+            return
+        for row in rows:
             typer.echo(
                 f"{row['id']:>8} pipeline={row['pipeline_id']} v{row['pipeline_version']} "
                 f"{row['status']:<10} started={row['started_at']}"
             )
+
+
+@app.command(
+    "flower",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def flower(ctx: typer.Context) -> None:
+    """Run Flower with the bundled config (extra arguments go to ``celery flower``)."""
+    conf = flower_config_path()
+    argv = [sys.executable, "-m", "celery", "-A", "gathering_tasks", "flower", f"--conf={conf}"]
+    os.execv(sys.executable, [*argv, *ctx.args])  # noqa: S606 (our own interpreter)
+
+
+@app.command("status")
+def status(
+    as_json: JsonFlag = False,
+    ping_timeout: Annotated[float, typer.Option(help="Seconds to wait for workers.")] = 1.0,
+) -> None:
+    """The beat leader, the workers that answer, queue depths, and runs of the last hour."""
+    with _errors():
+        snapshot = _status(ping_timeout)
+        if as_json:
+            _print(snapshot.as_dict())
+            return
+        _print_status(snapshot)
+
+
+def _status(ping_timeout_s: float) -> Status:
+    settings = runtime.settings()
+    service = _service()
+    queues = {settings.default_queue, *(q.name for q in worker_queues(settings))}
+    queues |= {str(a["queue"]) for a in service.list_actions() if a.get("queue")}
+    broker = urlsplit(settings.broker_url).scheme in ("redis", "rediss")
+    return collect(
+        celery_app=celery_app,
+        redis_client=runtime.redis_client(),
+        broker_client=runtime.redis_client(settings.broker_url) if broker else None,
+        prefix=settings.key_prefix,
+        queues=queues,
+        runs_by_status=service.runs_by_status(since=since(utcnow())),
+        ping_timeout_s=ping_timeout_s,
+    )
+
+
+def _print_status(snapshot: Status) -> None:
+    lead = snapshot.leader
+    held = f"held (expires in {lead['expires_in_s']}s)" if lead["held"] else "none"
+    typer.echo(f"beat leader: {held}")
+    typer.echo(f"workers: {len(snapshot.workers)}" + "".join(f"\n  {w}" for w in snapshot.workers))
+    typer.echo("queues:")
+    for queue, depth in snapshot.queues.items():
+        typer.echo(f"  {queue:<24} {'?' if depth is None else depth}")
+    typer.echo("runs in the last hour:")
+    for state, count in snapshot.runs_last_hour.items() or {"(none)": 0}.items():
+        typer.echo(f"  {state:<24} {count}")
 
 
 @demo_app.command("seed")

@@ -52,3 +52,31 @@ class TaskTimedOut(PermanentFailure):
 
 class ExecutionAborted(GatheringError):
     """The work was stopped: its record was cancelled or taken over by another attempt."""
+
+
+class RunFailed(GatheringError):
+    """The run failed; its record says why.
+
+    Raised by a task after the record is written, so that Celery (and Flower) count the task
+    as a FAILURE. Never retried by Celery: retries are the record's own policy.
+    """
+
+
+class RunTimedOut(RunFailed):
+    """The run exceeded its time limit; its record says so."""
+
+
+class RunRetrying(GatheringError):
+    """The attempt failed and the run will be retried (the reason a task shows RETRY)."""
+
+
+class InvalidPayload(InvalidInput):
+    """The message does not match the task's published contract (docs/contract.md)."""
+
+
+class WaitTimedOut(GatheringError):
+    """Gave up waiting: the run had not finished by the deadline (it goes on)."""
+
+
+class SchemaMissing(GatheringError):
+    """The database has no schema yet: run `gathering-tasks db upgrade`."""

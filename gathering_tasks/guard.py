@@ -190,6 +190,19 @@ class Detached:
     followups: tuple[Dispatch, ...] = ()
 
 
+@dataclass(frozen=True)
+class Report:
+    """What one delivery of a record came to: the outcome, and enough to explain it."""
+
+    status: Outcome
+    record_id: int
+    name: str | None = None
+    attempt: int | None = None
+    error: str | None = None
+    retry_delay_s: float | None = None
+    detail: str | None = None  # why a delivery was dropped
+
+
 @dataclass
 class _Verdict:
     status: Outcome
@@ -223,18 +236,24 @@ class ExecutionGuard:
     ) -> Outcome:
         """Execute ``record_id`` once. ``dropped``: another delivery has it, it is done, or
         the delivery's ``kind`` is not the record's."""
+        return self.run(record_id, kind, executor, worker=worker, task_id=task_id).status
+
+    def run(
+        self, record_id: int, kind: str, executor: Executor, *, worker: str, task_id: str | None
+    ) -> Report:
+        """Like :meth:`execute`, with what the task needs to tell Celery what happened."""
         extra = {"run_id": record_id, "kind": kind}
         lease = self._lease_for(record_id)
         if not lease.acquire():
             log.info("run is leased by another worker; dropping this delivery", extra=extra)
-            return "dropped"
+            return Report("dropped", record_id, detail="leased by another worker")
         verdict: _Verdict | None = None
         record: Record | None = None
         try:
             started = self._ledger.start(record_id, kind=kind, worker=worker, task_id=task_id)
             if isinstance(started, StartRefused):
                 _log_refusal(started, kind, extra)
-                return "dropped"
+                return Report("dropped", record_id, detail=_refusal_text(started))
             record = started
             with _Keepers(self._ledger, lease, record, self._config) as keepers:
                 verdict = self._run(record, executor, keepers.abort)
@@ -245,7 +264,14 @@ class ExecutionGuard:
             self._publish_retry_of(record, verdict.retry_delay_s)
         if verdict.followups:
             self._publish_followups(verdict.followups)
-        return verdict.status
+        return Report(
+            verdict.status,
+            record_id,
+            name=record.name,
+            attempt=record.attempt,
+            error=verdict.error,
+            retry_delay_s=verdict.retry_delay_s,
+        )
 
     def _run(self, record: Record, executor: Executor, abort: _Abort) -> _Verdict:
         log.info("run %s started", record.name, extra=_extra(record))
@@ -361,7 +387,13 @@ class ExecutionGuard:
 
     def _publish_retry_of(self, record: Record, delay_s: float) -> None:
         # The record already says where its messages go: no database call here.
-        dispatch = dispatch_for(record.id, record.kind, record.definition)
+        dispatch = dispatch_for(
+            record.id,
+            record.kind,
+            record.definition,
+            slot=record.scheduled_for,
+            attempt=record.attempt + 1,
+        )
         try:
             self._publish_retry(dispatch, delay_s)
         except Exception as exc:
@@ -390,6 +422,14 @@ def _log_refusal(refused: StartRefused, kind: str, extra: dict[str, Any]) -> Non
         log.warning("no such run; dropping this delivery", extra=extra)
     else:
         log.info("run is %s; dropping this delivery", refused.status, extra=extra)
+
+
+def _refusal_text(refused: StartRefused) -> str:
+    if refused.reason == "kind_mismatch":
+        return f"the run is a {refused.kind} run, not of this task"
+    if refused.reason == "missing":
+        return "no such run"
+    return f"the run is {refused.status}"
 
 
 def _failure_data(exc: BaseException) -> dict[str, Any] | None:

@@ -2,17 +2,23 @@
 
 A handler is a plain function registered here, or a Celery task registered with the app;
 ``run_task`` only calls names that are registered handlers or listed in
-``GATHERING_RUN_TASK_ALLOWLIST``.
+``GATHERING_RUN_TASK_ALLOWLIST``. Users' modules listed in ``GATHERING_IMPORTS`` are imported
+before any name is looked up (by workers at start, through Celery's ``imports``, and by the
+CLI and API when they validate an action), so their ``@handler`` functions register.
+See docs/handlers.md.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from gathering_tasks import runtime
+from gathering_tasks.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +36,25 @@ def handler(name: str) -> Callable[[Handler], Handler]:
     return register
 
 
+@functools.cache
+def load_user_modules() -> tuple[str, ...]:
+    """Import the modules of ``GATHERING_IMPORTS`` (once per process). Their names."""
+    names = tuple(runtime.settings().imports)
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import {name!r}: {exc}", field="GATHERING_IMPORTS") from exc
+    return names
+
+
 def get_handler(name: str) -> Handler | None:
+    load_user_modules()
     return _HANDLERS.get(name)
 
 
 def handler_names() -> list[str]:
+    load_user_modules()
     return sorted(_HANDLERS)
 
 

@@ -15,6 +15,25 @@ from gathering_tasks.kinds import kind
 log = logging.getLogger(__name__)
 
 
+def message_labels(dispatch: Dispatch) -> dict[str, str]:
+    """What Flower and the worker log show for a record's message, instead of ``[22]``.
+
+    ``shadow`` names the task after the kind and the record (``run_task nightly-report``);
+    ``argsrepr`` says which run, slot and attempt. Only names and numbers: a record's config
+    (which may hold credentials) never travels in a message.
+    """
+    task = kind(dispatch.kind).task_name
+    parts = [f"run={dispatch.record_id}"]
+    if dispatch.label:
+        parts.append(f"name={dispatch.label}")
+    if dispatch.slot is not None:
+        parts.append(f"slot={dispatch.slot.isoformat()}")
+    if dispatch.attempt is not None:
+        parts.append(f"attempt={dispatch.attempt}")
+    shadow = f"{dispatch.kind} {dispatch.label}" if dispatch.label else task
+    return {"shadow": shadow, "argsrepr": " ".join(parts), "kwargsrepr": "{}"}
+
+
 def message_options(dispatch: Dispatch, default_queue: str) -> dict[str, Any]:
     """Routing and time limits of a record's message (JSON payload: the record id only)."""
     options: dict[str, Any] = {"queue": dispatch.queue or default_queue}
@@ -41,6 +60,7 @@ def publish(
                 producer=producer,
                 countdown=max(countdown_s, dispatch.countdown_s) or None,
                 add_to_parent=False,
+                **message_labels(dispatch),
                 **message_options(dispatch, default_queue),
             )
             sent += 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,7 +28,22 @@ from gathering_tasks.errors import InvalidInput
 from gathering_tasks.skills._validation import check_secret_pattern
 from gathering_tasks.skills.allowlist import AllowList
 
-DEFAULT_SQLITE_PATH = Path("var") / "gathering.db"
+
+def gathering_home() -> Path:
+    """Where the embedded default keeps its files: ``$GATHERING_HOME``, else the user's data
+    directory (``$XDG_DATA_HOME/gathering-tasks``, by default ``~/.local/share/gathering-tasks``).
+    Absolute, so every process finds the same database from any directory."""
+    home = os.environ.get("GATHERING_HOME")
+    if home:
+        return Path(home).expanduser().resolve()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data).expanduser().resolve() / "gathering-tasks"
+
+
+def default_database_url() -> str:
+    """The embedded default: a SQLite file in :func:`gathering_home`."""
+    return f"sqlite:///{gathering_home() / 'gathering.db'}"
+
 
 # Lists come from the environment as comma-separated text (or a JSON array).
 CsvList = Annotated[list[str], NoDecode]
@@ -39,7 +55,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATHERING_", extra="ignore", frozen=True)
 
     # URLs may carry passwords: keep them out of repr() and logs.
-    database_url: str = Field(default=f"sqlite:///{DEFAULT_SQLITE_PATH}", repr=False)
+    database_url: str = Field(default_factory=default_database_url, repr=False)
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
     broker_url_override: str | None = Field(default=None, alias="GATHERING_BROKER_URL", repr=False)
     key_prefix: str = "gathering"
@@ -192,6 +208,26 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    # -- Operators: queues, user modules, metrics ----------------------------------------
+    # Workers also consume Celery's default queue ``celery``, so that a plain
+    # ``send_task("gathering.trigger_action", ...)`` without ``queue=`` is not lost. Turn it
+    # off on a broker shared with another Celery app that uses its default queue.
+    consume_celery_queue: bool = True
+    # Modules every worker (and beat) imports at start: user handlers and Celery tasks.
+    imports: CsvList = Field(default_factory=list)
+
+    # Prometheus metrics (docs/metrics.md): off unless a port is given. Give each process
+    # on a host its own port (a worker's pool children share their parent's endpoint).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_address: str = "127.0.0.1"
+    # Where a worker's pool processes keep their samples (default: a fresh temporary dir).
+    metrics_dir: str | None = None
+
+    @field_validator("imports", mode="before")
+    @classmethod
+    def _split_imports(cls, value: object) -> object:
+        return cls._split_csv(value)
 
 
 @functools.cache

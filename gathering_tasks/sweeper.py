@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from gathering_tasks import metrics
 from gathering_tasks.db.ledger import Dispatch
 from gathering_tasks.db.pipelines import PipelineStore
 from gathering_tasks.db.sweeps import StaleRecord, Sweeps
@@ -52,6 +53,7 @@ class Sweeper:
         dispatches = self.sweeps.stale_queued(
             now, grace_s=settings.pending_grace_s, limit=SWEEP_LIMIT
         )
+        republished = len(dispatches)
         stale_before = now - timedelta(seconds=settings.run_lease_ttl_s)
         for stale in self.sweeps.stale_running(
             now, heartbeat_timeout_s=settings.run_lease_ttl_s, limit=SWEEP_LIMIT
@@ -60,6 +62,7 @@ class Sweeper:
                 continue  # its worker still renews the lease: cut off from the database
             recovered = self._recover(stale, now, stale_before)
             dispatches += [recovered] if recovered else []
+        metrics.swept(republished=republished, recovered=len(dispatches) - republished)
         self.prune(now)
         self.expire_pipelines(now)
         if not dispatches:

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
 export PATH="$PWD/$BIN:$PATH"
 mkdir -p var
+# The demo keeps its SQLite database in var/ (var/gathering.db), not in the user's data dir.
+export GATHERING_HOME=${GATHERING_HOME:-$PWD/var}
 
 scripts/ensure-services.sh --redis-only
 REDIS_PORT=${REDIS_PORT:-6379}

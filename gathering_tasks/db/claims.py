@@ -166,15 +166,17 @@ class SlotClaims(Sql):
             ]
             decided.append((row, slot_plan, is_busy))
         inserted = self._insert(session, records)
-        accepted = Counter(action_id for _rid, action_id, st in inserted if st == "pending")
+        accepted = Counter(action_id for _rid, action_id, st, _slot in inserted if st == "pending")
         session.execute(
             update(ScheduledAction),
             [_advance(row, p, busy_, accepted[row.id], now) for row, p, busy_ in decided],
         )
         by_id = {row.id: row for row, _p, _b in decided}
         batch.dispatches = [
-            dispatch_for(rid, by_id[aid].action_type, definition_of(by_id[aid]))
-            for rid, aid, st in inserted
+            dispatch_for(
+                rid, by_id[aid].action_type, definition_of(by_id[aid]), slot=slot, attempt=1
+            )
+            for rid, aid, st, slot in inserted
             if st == "pending"
         ]
         batch.actions = len(decided)
@@ -182,18 +184,18 @@ class SlotClaims(Sql):
 
     def _insert(
         self, session: Session, records: list[dict[str, Any]]
-    ) -> list[tuple[int, int, str]]:
+    ) -> list[tuple[int, int, str, datetime]]:
         if not records:
             return []
         table = Base.metadata.tables[Execution.__tablename__]
         stmt = (
             self.insert(table)
             .on_conflict_do_nothing(index_elements=[table.c.dedupe_key])
-            .returning(table.c.id, table.c.action_id, table.c.status)
+            .returning(table.c.id, table.c.action_id, table.c.status, table.c.scheduled_for)
         )
         # executemany: one cached statement, sent as batched multi-row INSERTs.
         result = session.connection().execute(stmt, records)
-        return [(row[0], row[1], row[2]) for row in result]
+        return [(row[0], row[1], row[2], row[3]) for row in result]
 
     def next_due_at(self) -> datetime | None:
         """The earliest ``next_run_at`` of an active action (an index lookup)."""
@@ -222,7 +224,9 @@ class SlotClaims(Sql):
             record = _new_record(action, now, trigger, "pending", now, dedupe_key=dedupe)
             inserted = self._insert(session, [record])
             if inserted:
-                first = dispatch_for(inserted[0][0], action.action_type, definition_of(action))
+                first = dispatch_for(
+                    inserted[0][0], action.action_type, definition_of(action), slot=now, attempt=1
+                )
                 return first, "pending"
             e = Execution
             existing = session.execute(

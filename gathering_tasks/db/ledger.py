@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
@@ -111,6 +111,11 @@ class Dispatch:
     priority: int | None = None
     timeout_s: int | None = None
     countdown_s: float = 0.0  # not before this many seconds (a delay node's countdown)
+    # For people watching the broker (Flower, logs): never read back by a worker, and not
+    # part of a dispatch's identity (two dispatches of one record route the same).
+    label: str | None = field(default=None, compare=False)  # the record's name
+    slot: datetime | None = field(default=None, compare=False)
+    attempt: int | None = field(default=None, compare=False)  # the attempt it should start
 
 
 @dataclass(frozen=True)
@@ -121,13 +126,24 @@ class Pulse:
     cancel_requested: bool = False
 
 
-def dispatch_for(record_id: int, kind: str, definition: Mapping[str, Any]) -> Dispatch:
+def dispatch_for(
+    record_id: int,
+    kind: str,
+    definition: Mapping[str, Any],
+    *,
+    slot: datetime | None = None,
+    attempt: int | None = None,
+) -> Dispatch:
+    name = definition.get("name")
     return Dispatch(
         record_id=record_id,
         kind=kind,
         queue=definition.get("queue"),
         priority=definition.get("priority"),
         timeout_s=definition.get("timeout_s"),
+        label=str(name) if name else None,
+        slot=slot,
+        attempt=attempt,
     )
 
 
@@ -378,6 +394,14 @@ class SqlLedger(Sql):
                 raise NotFound(f"no run {record_id}")
             return record_to_dict(row)
 
+    def find(self, dedupe_key: str) -> dict[str, Any] | None:
+        """The record made for ``dedupe_key`` (a trigger's key), or None while there is none."""
+        with self.factory() as session:
+            row = session.scalars(
+                select(Execution).where(Execution.dedupe_key == dedupe_key)
+            ).first()
+            return record_to_dict(row) if row is not None else None
+
     def list_runs(
         self, *, action: str | None = None, status: str | None = None, limit: int = 50
     ) -> list[dict[str, Any]]:
@@ -392,11 +416,16 @@ class SqlLedger(Sql):
         with self.factory() as session:
             return [record_to_dict(row) for row in session.scalars(stmt)]
 
-    def count_runs(self, statuses: Iterable[str] | None = None) -> dict[str, int]:
+    def count_runs(
+        self, statuses: Iterable[str] | None = None, *, since: datetime | None = None
+    ) -> dict[str, int]:
+        """Records by status (``since``: only those changed since then)."""
         e = Execution
         stmt = select(e.status, func.count()).group_by(e.status)
         if statuses:
             stmt = stmt.where(e.status.in_(list(statuses)))
+        if since is not None:
+            stmt = stmt.where(e.updated_at >= since)
         with self.factory() as session:
             return {status: count for status, count in session.execute(stmt).all()}
 

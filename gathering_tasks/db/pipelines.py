@@ -11,7 +11,7 @@ neither enqueue a successor twice nor forget it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -389,6 +389,14 @@ class PipelineStore(Sql):
             out["nodes"] = _node_rows(session, run_id)
             return out
 
+    def find_run(self, dedupe_key: str) -> dict[str, Any] | None:
+        """The run started for ``dedupe_key`` (``api:<key>``), or None while there is none."""
+        with self.factory() as session:
+            run = session.scalars(
+                select(PipelineRun).where(PipelineRun.dedupe_key == dedupe_key)
+            ).first()
+            return run_to_dict(run) if run is not None else None
+
     def list_runs(self, name: str | None = None, *, limit: int = 50) -> list[dict[str, Any]]:
         r = PipelineRun
         stmt = select(r).order_by(r.id.desc()).limit(limit)
@@ -435,14 +443,7 @@ def _with_countdown(dispatch: Dispatch, row: Any) -> Dispatch:
     if row.retry_at is None:
         return dispatch
     delay_s = _delay_of(row.definition)
-    return Dispatch(
-        dispatch.record_id,
-        dispatch.kind,
-        dispatch.queue,
-        dispatch.priority,
-        dispatch.timeout_s,
-        countdown_s=delay_s,
-    )
+    return replace(dispatch, countdown_s=delay_s)
 
 
 def node_states(session: Session, run_id: int) -> dict[str, NodeState]:

@@ -1,25 +1,38 @@
 """One Celery task per kind of work, from the registry; and the trigger entry point.
 
-Payload contract: ``args=[record_id]`` (an integer), JSON only. A delivery of a record that
-another worker holds, that is already done, or that is of another kind, acks and does nothing.
+Payload contract (docs/contract.md, one JSON Schema per task in ``gathering_tasks/contract``):
+``args=[record_id]`` (an integer), JSON only. Every message is checked against its schema
+first: one that does not match fails with ``InvalidPayload`` and touches nothing. A delivery
+of a record that another worker holds, that is already done, or that is of another kind, acks
+and does nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 
-from gathering_tasks import keys, runtime
+from gathering_tasks import keys, metrics, runtime
 from gathering_tasks.app import app
 from gathering_tasks.clock import utcnow
+from gathering_tasks.contract import RUN_PIPELINE, TRIGGER_ACTION, check_payload
 from gathering_tasks.db.ledger import Dispatch, Record
-from gathering_tasks.errors import InvalidInput, PermanentFailure, TaskTimedOut
-from gathering_tasks.guard import Detached, ExecutionGuard, Executor, GuardConfig, Outcome
+from gathering_tasks.errors import (
+    InvalidInput,
+    InvalidPayload,
+    NotFound,
+    RunFailed,
+    RunRetrying,
+    RunTimedOut,
+    TaskTimedOut,
+)
+from gathering_tasks.guard import Detached, ExecutionGuard, Executor, GuardConfig, Report
 from gathering_tasks.kinds import KINDS, resolve
 from gathering_tasks.locks import Lease
 from gathering_tasks.publish import publish
@@ -67,23 +80,72 @@ def guard() -> ExecutionGuard:
     )
 
 
-def _execute(task: Task, kind_name: str, record_id: Any) -> Outcome:
-    if not isinstance(record_id, int) or isinstance(record_id, bool):
-        raise PermanentFailure(f"payload must be an integer run id, got {type(record_id).__name__}")
+# Expected failures: logged as one line without a traceback (the record, or the payload
+# check, says what went wrong), FAILURE in Flower, and the message acknowledged.
+EXPECTED = (RunFailed, InvalidInput, NotFound)
+
+
+def _checked(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    try:
+        check_payload(task.name, args, kwargs)
+    except InvalidInput as exc:
+        log.warning("message %s refused: %s", task.request.id, exc, extra={"task_name": task.name})
+        raise
+
+
+def _execute(task: Task, kind_name: str, record_id: int) -> Report:
     worker = task.request.hostname or socket.gethostname()
     executor = _timed(resolve(KINDS[kind_name].executor))
-    return guard().execute(record_id, kind_name, executor, worker=worker, task_id=task.request.id)
+    return guard().run(record_id, kind_name, executor, worker=worker, task_id=task.request.id)
+
+
+def _describe(report: Report) -> str:
+    who = f"run {report.record_id}" + (f" ({report.name})" if report.name else "")
+    return who + (f" attempt {report.attempt}" if report.attempt is not None else "")
+
+
+def celery_outcome(report: Report) -> str:
+    """Tell Celery (and so Flower) what the record says, once the record is written.
+
+    ``failed`` and ``timed_out`` raise :class:`RunFailed` / :class:`RunTimedOut` (FAILURE);
+    ``retrying`` raises :class:`celery.exceptions.Retry` (RETRY; the retry's message was
+    already published by the guard, and raising ``Retry`` publishes nothing more). Every
+    other outcome is a SUCCESS whose result names it: ``succeeded: ...``, ``waiting: ...``,
+    ``cancelled: ...``, ``superseded: ...``, ``dropped: ...``. The message is acknowledged in
+    every case.
+    """
+    text = _describe(report)
+    if report.status == "failed":
+        raise RunFailed(f"{text} failed: {report.error or 'no error recorded'}")
+    if report.status == "timed_out":
+        raise RunTimedOut(f"{text} timed out: {report.error or 'no error recorded'}")
+    if report.status == "retrying":
+        delay_s = report.retry_delay_s or 0.0
+        reason = RunRetrying(f"{text} failed, retrying in {delay_s:g}s: {report.error}")
+        raise Retry(str(reason), exc=reason, when=delay_s)
+    if report.status == "dropped":
+        return f"dropped: {text}: {report.detail or 'not startable'} (duplicate delivery)"
+    if report.status == "superseded":
+        return f"superseded: {text} was taken over by another attempt; its outcome was not kept"
+    return f"{report.status}: {text}"
 
 
 def _register(kind_name: str) -> Any:
     summary = KINDS[kind_name].summary
 
-    def run(self: Task, record_id: int) -> str:
-        return _execute(self, kind_name, record_id)
+    def run(self: Task, *args: Any, **kwargs: Any) -> str:
+        _checked(self, args, kwargs)
+        started = time.monotonic()
+        report = _execute(self, kind_name, args[0])
+        metrics.ran(kind_name, report.status, time.monotonic() - started)
+        return celery_outcome(report)
 
     run.__name__ = kind_name
     run.__doc__ = f"Execute a {kind_name} run ({summary}) under the guard."
-    return app.task(name=KINDS[kind_name].task_name, bind=True)(run)
+    # Expected failures are logged without a traceback; the record holds the details.
+    return app.task(name=KINDS[kind_name].task_name, bind=True, throws=(RunFailed, InvalidInput))(
+        run
+    )
 
 
 # Registered without decorator syntax: Celery is untyped, and the task objects are Any.
@@ -100,14 +162,14 @@ def _dedupe_key(key: Any, message_id: Any) -> str:
     return dedupe
 
 
-def _trigger_action(self: Task, action_name: Any, key: Any = None) -> int:
+def _trigger_action(self: Task, *args: Any, **kwargs: Any) -> int:
     """Entry point for other services: run ``action_name`` now (trigger ``api``).
 
     Deduplicated on ``key`` (the caller's own), or else on the message id: a message
     delivered twice makes one run, and its publish is repeated only while it is queued.
     """
-    if not isinstance(action_name, str):
-        raise PermanentFailure("payload must be an action name (string)")
+    _checked(self, args, kwargs)
+    action_name, key = _bind(args, kwargs, ("action_name", "key"))
     dedupe = _dedupe_key(key, self.request.id)
     dispatch, status = runtime.repository().claims.trigger(
         action_name, now=utcnow(), trigger="api", key=dedupe
@@ -122,17 +184,25 @@ def _trigger_action(self: Task, action_name: Any, key: Any = None) -> int:
     return dispatch.record_id
 
 
-trigger_action: Any = app.task(name="gathering.trigger_action", bind=True)(_trigger_action)
+def _bind(args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...]) -> list[Any]:
+    """Positional and keyword arguments, by name (the schema already checked them)."""
+    values = dict(zip(names, args, strict=False))
+    for name, value in kwargs.items():
+        if name in values:
+            raise InvalidPayload("given twice (in args and kwargs)", field=name)
+        values[name] = value
+    return [values.get(name) for name in names]
 
 
-def _run_pipeline(self: Task, pipeline_name: Any, data: Any = None, key: Any = None) -> int:
+trigger_action: Any = app.task(name=TRIGGER_ACTION, bind=True, throws=EXPECTED)(_trigger_action)
+
+
+def _run_pipeline(self: Task, *args: Any, **kwargs: Any) -> int:
     """Entry point for other services: start a run of ``pipeline_name`` with ``data``.
 
     Deduplicated like ``trigger_action``: on ``key``, or else on the message id."""
-    if not isinstance(pipeline_name, str):
-        raise PermanentFailure("payload must be a pipeline name (string)")
-    if data is not None and not isinstance(data, dict):
-        raise InvalidInput("must be a JSON object", field="data")
+    _checked(self, args, kwargs)
+    pipeline_name, data, key = _bind(args, kwargs, ("pipeline_name", "data", "key"))
     dedupe = _dedupe_key(key, self.request.id)
     started = runtime.repository().pipelines.start_run(
         pipeline_name, data=dict(data or {}), dedupe_key=f"api:{dedupe}", now=utcnow()
@@ -147,7 +217,7 @@ def _run_pipeline(self: Task, pipeline_name: Any, data: Any = None, key: Any = N
     return started.run_id
 
 
-run_pipeline: Any = app.task(name="gathering.run_pipeline", bind=True)(_run_pipeline)
+run_pipeline: Any = app.task(name=RUN_PIPELINE, bind=True, throws=EXPECTED)(_run_pipeline)
 run_task = TASKS["run_task"]
 execute_pipeline = TASKS["execute_pipeline"]
 send_notification = TASKS["send_notification"]

@@ -127,6 +127,12 @@ class Stack:
         self.procs.append(proc.start())
         return proc
 
+    def beat_with(self, *, env: dict[str, str], name: str = "b1") -> CeleryProcess:
+        """Start a beat whose environment replaces the stack's."""
+        proc = CeleryProcess("beat", name, env, self.workdir)
+        self.procs.append(proc.start())
+        return proc
+
     def stop_all(self) -> None:
         for proc in self.procs:
             proc.stop()

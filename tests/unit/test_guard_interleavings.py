@@ -253,9 +253,17 @@ def test_failed_run_schedules_a_retry_and_publishes_it_after_releasing_the_lease
     assert "remote said no" in record["error"]
     assert record["retry_at"] == world.clock().isoformat()
     # And the retry was published with the record's routing, after the lease was released
-    assert world.published == [
-        (Dispatch(record_id, KIND, queue="reports", priority=5, timeout_s=None), 0.0)
-    ]
+    ((dispatch, delay_s),) = world.published
+    assert delay_s == 0.0
+    assert (dispatch.record_id, dispatch.kind, dispatch.queue, dispatch.priority) == (
+        record_id,
+        KIND,
+        "reports",
+        5,
+    )
+    assert dispatch.timeout_s is None
+    # labelled for Flower with the attempt it will start
+    assert dispatch.attempt == 2
     events = world.journal.events
     assert events.index("ledger.schedule_retry") < events.index("lease.release")
     assert events.index("lease.release") < events.index("publish")
