@@ -111,7 +111,9 @@ def test_flower_shows_names_true_states_and_no_secret(
         sent.append(dispatch)
         publish(app, [dispatch], default_queue=settings.default_queue)
 
-    svc = ActionService(repo, settings, task_allowed=lambda _n: True, publish=send)
+    # the workers' allowlist (stack_env) names TEST_*; the creating side must agree
+    creating = settings.model_copy(update={"secret_env_allow": ["TEST_*"]})
+    svc = ActionService(repo, creating, task_allowed=lambda _n: True, publish=send)
     svc.create(interval("flower-good", "run_task", {"task": "demo.add", "args": [1, 2]}))
     svc.create(
         interval(
@@ -125,7 +127,7 @@ def test_flower_shows_names_true_states_and_no_secret(
             "call_api",
             {
                 "url": httpserver.url_for("/broken"),
-                "auth": {"type": "bearer", "token_env": "FLOWER_TEST_API_TOKEN"},
+                "auth": {"type": "bearer", "token_env": "TEST_FLOWER_API_TOKEN"},
                 "retry": False,
             },
         )
@@ -137,14 +139,14 @@ def test_flower_shows_names_true_states_and_no_secret(
             {
                 "channel": "webhook",
                 "url": httpserver.url_for("/hook"),
-                "secret_env": "FLOWER_TEST_HOOK_SECRET",
+                "secret_env": "TEST_FLOWER_HOOK_SECRET",
                 "title": "t",
                 "text": "x",
             },
         )
     )
     env = stack_env(
-        db_url, redis_url, FLOWER_TEST_HOOK_SECRET=HOOK_SECRET, FLOWER_TEST_API_TOKEN=API_TOKEN
+        db_url, redis_url, TEST_FLOWER_HOOK_SECRET=HOOK_SECRET, TEST_FLOWER_API_TOKEN=API_TOKEN
     )
     with running_stack(env, tmp_path) as stack:
         worker = stack.worker("w1", concurrency=2)
