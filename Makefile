@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench chaos-long clean
+.PHONY: setup demo test lint bench bench-pipelines chaos-long clean
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ lint: setup
 bench: setup
 	@scripts/ensure-services.sh
 	$(BIN)/python bench/beat.py
+
+## Per-node overhead of our pipeline executor next to Celery canvas (chain and chord).
+bench-pipelines: setup
+	@scripts/ensure-services.sh
+	$(BIN)/python bench/pipelines.py
 
 chaos-long: setup
 	@scripts/ensure-services.sh
