@@ -73,7 +73,13 @@ def execute_node(
     record_id = record_node_id(record)
     node_id, index = split_record_id(record_id)
     node = spec.node(node_id)
-    open_until = store.circuit_open_until(int(definition["pipeline_id"]), node_id, utcnow())
+    # Only a node with a circuit breaker pays for reading its health.
+    circuit = (definition["node"].get("config") or {}).get("circuit")
+    open_until = (
+        store.circuit_open_until(int(definition["pipeline_id"]), node_id, utcnow())
+        if circuit
+        else None
+    )
     if open_until is not None:
         raise PermanentFailure(
             f"node {node_id!r}: circuit open after repeated failures, until "
