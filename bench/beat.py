@@ -141,8 +141,9 @@ def measure_size(
         log(f"N={n:,}: measuring the peer")
         flush(broker)
         config = celery_config(Settings(database_url=pg.dsn(dbname), redis_url=broker.url))
-        for ours_only in ("beat_scheduler", "imports"):
-            config.pop(ours_only)
+        # what only our worker or beat uses (task_queues holds kombu objects, not JSON)
+        for ours_only in ("beat_scheduler", "imports", "task_queues"):
+            config.pop(ours_only, None)
         peer = run_child("bench.beat_peer", *common, "--config", json.dumps(config))
     finally:
         pg.drop_database(dbname)
