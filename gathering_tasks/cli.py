@@ -23,6 +23,18 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from gathering_tasks import __version__, runtime
+from gathering_tasks.errors import ConfigError
+
+try:
+    # The Celery app reads the settings when it is imported: an invalid one is one line.
+    from gathering_tasks.app import app as celery_app
+    from gathering_tasks.app import worker_queues
+except ConfigError as exc:
+    if "--debug" in sys.argv[1:]:
+        raise
+    sys.stderr.write(f"error: {exc}\n")
+    raise SystemExit(2) from None
+
 from gathering_tasks.api import (
     ActionService,
     PipelineService,
@@ -31,8 +43,6 @@ from gathering_tasks.api import (
     definition_from_view,
     pipeline_service,
 )
-from gathering_tasks.app import app as celery_app
-from gathering_tasks.app import worker_queues
 from gathering_tasks.clock import utcnow
 from gathering_tasks.db.migrate import upgrade
 from gathering_tasks.demo import (
@@ -45,6 +55,7 @@ from gathering_tasks.demo import (
 )
 from gathering_tasks.errors import GatheringError, InvalidInput, NotFound, WaitTimedOut
 from gathering_tasks.handlers import load_user_modules
+from gathering_tasks.settings_doc import effective_settings, reference_markdown
 from gathering_tasks.status import Status, collect, since
 
 HELP = """gathering-tasks: scheduled actions and pipelines on Celery.
@@ -60,11 +71,15 @@ actions_app = typer.Typer(help="Scheduled actions.", no_args_is_help=True)
 runs_app = typer.Typer(help="Runs of actions.", no_args_is_help=True)
 demo_app = typer.Typer(help="Demo actions.", no_args_is_help=True)
 pipelines_app = typer.Typer(help="Pipelines: versioned DAGs of nodes.", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Settings: the reference page and the effective values.", no_args_is_help=True
+)
 app.add_typer(db_app, name="db")
 app.add_typer(actions_app, name="actions")
 app.add_typer(runs_app, name="runs")
 app.add_typer(demo_app, name="demo")
 app.add_typer(pipelines_app, name="pipelines")
+app.add_typer(config_app, name="config")
 
 EXIT_INVALID = 2
 EXIT_NOT_FOUND = 3
@@ -96,9 +111,12 @@ def _main(
         bool,
         typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version."),
     ] = False,
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
 ) -> None:
     _Options.debug = debug
+    if ctx.invoked_subcommand == "config":
+        return  # the settings themselves: readable even when GATHERING_IMPORTS is broken
     with _errors():
         # Users' handlers (GATHERING_IMPORTS) register before any action is checked.
         load_user_modules()
@@ -595,6 +613,45 @@ def _print_status(snapshot: Status) -> None:
     typer.echo("runs in the last hour:")
     for state, count in snapshot.runs_last_hour.items() or {"(none)": 0}.items():
         typer.echo(f"  {state:<24} {count}")
+
+
+@config_app.command("reference")
+def config_reference(
+    output: Annotated[
+        Path | None, typer.Option(help="Write the page to this file instead of printing it.")
+    ] = None,
+) -> None:
+    """The configuration reference (docs/configuration.md), generated from the settings."""
+    with _errors():
+        text = reference_markdown()
+        if output is None:
+            typer.echo(text, nl=False)
+            return
+        output.write_text(text)
+        typer.echo(f"wrote {output}")
+
+
+def _setting_text(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value) or "(empty)"
+    return str(value)
+
+
+@config_app.command("show")
+def config_show(as_json: JsonFlag = False) -> None:
+    """The settings this process runs with, and where each comes from; secrets masked."""
+    with _errors():
+        values = effective_settings(runtime.settings())
+        if as_json:
+            _print([value.as_dict() for value in values])
+            return
+        width = max(len(value.variable) for value in values)
+        for value in values:
+            typer.echo(f"{value.variable:<{width}}  {_setting_text(value.value)}  ({value.source})")
 
 
 @demo_app.command("seed")
