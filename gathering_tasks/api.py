@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -17,9 +17,19 @@ from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
 from gathering_tasks import runtime
+from gathering_tasks.action_import import (
+    Checked,
+    EntryProblem,
+    ImportInvalid,
+    ImportResult,
+    PlannedEntry,
+    Progress,
+    plan_import,
+)
 from gathering_tasks.actions import NAME_RE, ActionSpec, validate_action
 from gathering_tasks.app import app as celery_app
 from gathering_tasks.clock import utcnow
+from gathering_tasks.db.actions import Change, Insert, Replace
 from gathering_tasks.db.ledger import FINAL, Dispatch, trigger_key
 from gathering_tasks.db.models import ACTION_STATUSES, RUN_STATUSES
 from gathering_tasks.db.repo import Repository
@@ -139,6 +149,13 @@ def _known(value: str | None, allowed: tuple[str, ...], field: str) -> None:
         raise InvalidInput(f"must be one of {', '.join(allowed)}", field=field)
 
 
+def _status_after_change(current_status: str, slot: datetime | None) -> str:
+    """A changed definition keeps a pause (or a disable); otherwise its next slot decides."""
+    if current_status in ("paused", "disabled"):
+        return current_status
+    return "active" if slot else "completed"
+
+
 def _spec_data(current: Mapping[str, Any]) -> dict[str, Any]:
     """An action row as the definition a user would write (``config``, not ``action_config``)."""
     data = {
@@ -215,11 +232,71 @@ class ActionService:
                 raise InvalidInput("cannot be changed; create a new action instead", field="name")
             spec, schedule = self._validate(merged, now)
             slot = initial_slot(spec, schedule, now)
-            keep = current["status"] if current["status"] in ("paused", "disabled") else None
-            status = keep or ("active" if slot else "completed")
+            status = _status_after_change(current["status"], slot)
             return {**_columns(spec, schedule), "next_run_at": slot, "status": status}
 
         return self.repo.actions.mutate(name, change, now=now)
+
+    def import_actions(
+        self,
+        entries: Sequence[object],
+        *,
+        upsert: bool = False,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> ImportResult:
+        """Create (``upsert``: or replace) many actions, all or none.
+
+        Every entry is checked first (:class:`ImportInvalid` lists every problem, naming
+        entry, name and field); then all are stored in one transaction. A name already live
+        is a problem unless ``upsert``, which replaces that action's definition as
+        :meth:`update` does (a pause is kept). ``dry_run`` checks and stores nothing.
+        """
+        now = self._clock()
+        existing = {str(action["name"]) for action in self.repo.actions.list_actions()}
+        planned = plan_import(
+            entries,
+            check=lambda data: self._check_entry(data, now),
+            existing=existing,
+            upsert=upsert,
+            progress=progress,
+        )
+        result = ImportResult(
+            created=[p.name for p in planned if not p.replace],
+            updated=[p.name for p in planned if p.replace],
+            dry_run=dry_run,
+        )
+        if not dry_run:
+            self._store_planned(planned, now, progress)
+        return result
+
+    def _check_entry(self, data: Mapping[str, Any], now: datetime) -> Checked:
+        spec, schedule = self._validate(definition_from_view(data), now)
+        return Checked(spec, schedule, initial_slot(spec, schedule, now))
+
+    def _store_planned(
+        self, planned: list[PlannedEntry], now: datetime, progress: Progress | None
+    ) -> None:
+        writes = [_write_of(entry) for entry in planned]
+        written = 0
+
+        def stored(done: int) -> None:
+            nonlocal written
+            written = done
+            if progress is not None:
+                progress("storing", done, len(writes))
+
+        try:
+            self.repo.actions.write_all(writes, now=now, on_write=stored)
+        except (InvalidInput, NotFound) as exc:
+            # The write after the last one stored failed: its action was created, or
+            # archived, by someone else between the checks and the transaction.
+            failed = planned[written]
+            reason = exc.reason if isinstance(exc, InvalidInput) else str(exc)
+            problem = EntryProblem(
+                failed.entry, failed.name, "name", f"{reason} (changed meanwhile)"
+            )
+            raise ImportInvalid([problem], len(planned)) from exc
 
     def get(self, name: str) -> dict[str, Any]:
         return self.repo.actions.get(name)
@@ -314,6 +391,20 @@ class ActionService:
     def runs_by_status(self, *, since: datetime) -> dict[str, int]:
         """Records (actions' runs and pipeline nodes) changed since ``since``, by status."""
         return self.repo.ledger.count_runs(since=since)
+
+
+def _write_of(entry: PlannedEntry) -> Insert | Replace:
+    checked = entry.checked
+    values = _columns(checked.spec, checked.schedule)
+    if not entry.replace:
+        return Insert(values, checked.first_slot)
+
+    def change(current: dict[str, Any]) -> dict[str, Any]:
+        status = _status_after_change(current["status"], checked.first_slot)
+        return {**values, "next_run_at": checked.first_slot, "status": status}
+
+    replace: Change = change
+    return Replace(entry.name, replace)
 
 
 def pipeline_service() -> PipelineService:

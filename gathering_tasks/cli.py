@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 import typer
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from sqlalchemy.exc import SQLAlchemyError
 
 from gathering_tasks import __version__, runtime
@@ -35,6 +37,7 @@ except ConfigError as exc:
     sys.stderr.write(f"error: {exc}\n")
     raise SystemExit(2) from None
 
+from gathering_tasks.action_import import ImportInvalid, ImportResult, Phase, load_entries
 from gathering_tasks.api import (
     ActionService,
     PipelineService,
@@ -144,6 +147,8 @@ def _errors() -> Iterator[None]:
     """One clear line on stderr, and an exit code that says what kind of error it was."""
     try:
         yield
+    except typer.Exit:
+        raise  # an exit code chosen on purpose, not an error
     except Exception as exc:
         if _Options.debug:
             raise
@@ -267,6 +272,85 @@ def actions_add(
                 "max_runs": max_runs,
             }
         _print(action_view(_service().create({k: v for k, v in data.items() if v is not None})))
+
+
+@contextmanager
+def _progress_bar(*, enabled: bool) -> Iterator[Callable[[Phase, int, int], None]]:
+    """A progress bar on stderr, only for a person watching a terminal."""
+    labels: dict[Phase, str] = {"checking": "checking", "storing": "storing"}
+    bar = Progress(
+        TextColumn("{task.description:<9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )
+    tasks: dict[Phase, TaskID] = {}
+
+    def advance(phase: Phase, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(labels[phase], total=total)
+        bar.update(tasks[phase], completed=done)
+
+    with bar:
+        yield advance
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _import_report(result: ImportResult) -> str:
+    counts = f"{len(result.created)} created, {len(result.updated)} updated"
+    total = _plural(len(result.created) + len(result.updated), "action")
+    if result.dry_run:
+        return f"dry run: {total} valid ({counts}); nothing was stored"
+    return f"imported {total} ({counts})"
+
+
+@actions_app.command("import")
+def actions_import(
+    file: Path,
+    *,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check every entry; store none.")
+    ] = False,
+    upsert: Annotated[
+        bool,
+        typer.Option(
+            "--upsert", help="Replace the definition of actions that exist (a pause is kept)."
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
+) -> None:
+    """Create many actions from a JSON or YAML list (`actions show` objects), all or none.
+
+    Every entry is checked first and every problem printed (entry number, name, field);
+    if any is found, nothing is stored (exit 2).
+    """
+    with _errors():
+        entries = load_entries(_read_text(file))
+        enabled = sys.stderr.isatty() and not as_json
+        try:
+            with _progress_bar(enabled=enabled) as progress:
+                result = _service().import_actions(
+                    entries, upsert=upsert, dry_run=dry_run, progress=progress
+                )
+        except ImportInvalid as exc:
+            _import_failed(exc, as_json=as_json)
+        if as_json:
+            _print(result.as_dict())
+        else:
+            typer.echo(_import_report(result))
+
+
+def _import_failed(exc: ImportInvalid, *, as_json: bool) -> NoReturn:
+    if as_json:
+        _print({"stored": False, "errors": [problem.as_dict() for problem in exc.problems]})
+    for problem in exc.problems:
+        typer.echo(f"error: {problem}", err=True)
+    _fail(exc.summary, EXIT_INVALID)
 
 
 @actions_app.command("list")

@@ -8,7 +8,8 @@ action stops, its history stays, and its name is free for a new action.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -45,6 +46,22 @@ STATE_FIELDS = ("status", "run_count", "next_run_at", "last_run_at", "skipped_sl
 Change = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class Insert:
+    """A new action: validated definition columns and its first slot."""
+
+    values: dict[str, Any]
+    next_run_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Replace:
+    """A change to the live action ``name``, applied under its row lock (see ``mutate``)."""
+
+    name: str
+    change: Change
+
+
 def action_to_dict(action: ScheduledAction) -> dict[str, Any]:
     """A JSON-friendly view of an action row."""
     out: dict[str, Any] = {"id": action.id}
@@ -61,21 +78,33 @@ class ActionStore(Sql):
         self, values: dict[str, Any], *, next_run_at: datetime | None, now: datetime
     ) -> dict[str, Any]:
         """Insert a validated action. A name taken by a live action is an InvalidInput."""
-        row = ScheduledAction(
-            **{k: values[k] for k in ACTION_FIELDS if k in values},
-            status="active" if next_run_at else "completed",
-            run_count=0,
-            skipped_slots=0,
-            next_run_at=next_run_at,
-            created_at=now,
-            updated_at=now,
-        )
-        try:
-            with self.write_tx() as session:
-                session.add(row)
-        except IntegrityError as exc:
-            raise InvalidInput(f"an action named {values['name']!r} exists", field="name") from exc
+        with self.write_tx() as session:
+            row = _insert(session, Insert(values, next_run_at), now)
         return action_to_dict(row)
+
+    def write_all(
+        self,
+        writes: Sequence[Insert | Replace],
+        *,
+        now: datetime,
+        on_write: Callable[[int], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Insert and replace actions in ONE transaction: every write is stored, or none.
+
+        The first failure (a name taken meanwhile: InvalidInput; a replaced action gone:
+        NotFound; anything ``on_write(done)`` raises) rolls back every write before it.
+        """
+        out = []
+        with self.write_tx() as session:
+            for write in writes:
+                if isinstance(write, Insert):
+                    row = _insert(session, write, now)
+                else:
+                    row = _apply(session, _live(session, write.name, lock=self), write.change, now)
+                out.append(action_to_dict(row))
+                if on_write is not None:
+                    on_write(len(out))
+        return out
 
     def get(self, name: str) -> dict[str, Any]:
         with self.factory() as session:
@@ -102,14 +131,7 @@ class ActionStore(Sql):
         the same transaction.
         """
         with self.write_tx() as session:
-            row = _live(session, name, lock=self)
-            values = change(action_to_dict(row))
-            for key, value in values.items():
-                if key not in (*ACTION_FIELDS, "status", "next_run_at"):
-                    raise ValueError(f"not a changeable action field: {key}")
-                setattr(row, key, value)
-            row.updated_at = now
-            session.flush()
+            row = _apply(session, _live(session, name, lock=self), change, now)
             return action_to_dict(row)
 
     def archive(self, name: str, *, now: datetime) -> dict[str, Any]:
@@ -152,6 +174,38 @@ class ActionStore(Sql):
                 .where(a.name == name, a.archived_at.is_(None))
                 .values(next_run_at=next_run_at, updated_at=now)
             )
+
+
+def _insert(session: Session, write: Insert, now: datetime) -> ScheduledAction:
+    values = write.values
+    row = ScheduledAction(
+        **{k: values[k] for k in ACTION_FIELDS if k in values},
+        status="active" if write.next_run_at else "completed",
+        run_count=0,
+        skipped_slots=0,
+        next_run_at=write.next_run_at,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        raise InvalidInput(f"an action named {values['name']!r} exists", field="name") from exc
+    return row
+
+
+def _apply(
+    session: Session, row: ScheduledAction, change: Change, now: datetime
+) -> ScheduledAction:
+    values = change(action_to_dict(row))
+    for key, value in values.items():
+        if key not in (*ACTION_FIELDS, "status", "next_run_at"):
+            raise ValueError(f"not a changeable action field: {key}")
+        setattr(row, key, value)
+    row.updated_at = now
+    session.flush()
+    return row
 
 
 def _live(session: Session, name: str, *, lock: Sql | None = None) -> ScheduledAction:
