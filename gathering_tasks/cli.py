@@ -1,4 +1,4 @@
-"""The ``gathering-tasks`` command: database, actions, runs and the demo.
+"""The ``gathering-tasks`` command: database, actions, runs, pipelines, settings and the demo.
 
 Exit codes: 0 ok, 1 other error, 2 invalid input (nothing was written), 3 not found.
 """

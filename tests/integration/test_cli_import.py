@@ -211,3 +211,28 @@ def test_the_progress_bar_is_drawn_on_a_terminal_only(cli_env: dict[str, str], t
     quiet, drawn = on_terminal(cli_env, "actions", "import", str(path), "--upsert", "--json")
     assert quiet.returncode == 0 and json.loads(quiet.stdout)["count"] == 3
     assert drawn == ""
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_listing_of_one_database_imports_into_another(cli_env: dict[str, str], tmp_path: Path):
+    # Given two actions in one database, one of them paused
+    for entry in (definition("copy-a"), definition("copy-b", description="second")):
+        path = tmp_path / f"{entry['name']}.json"
+        path.write_text(json.dumps(entry))
+        assert cli(cli_env, "actions", "add", "--file", str(path)).returncode == 0
+    assert cli(cli_env, "actions", "pause", "copy-b").returncode == 0
+    listing = tmp_path / "listing.json"
+    listing.write_text(cli(cli_env, "actions", "list", "--json").stdout)
+    # When the listing is imported into a fresh database
+    other = {**cli_env, "GATHERING_DATABASE_URL": f"sqlite:///{tmp_path / 'other.db'}"}
+    assert cli(other, "db", "upgrade").returncode == 0
+    imported = cli(other, "actions", "import", str(listing))
+    # Then the same definitions are there, with fresh state
+    assert imported.returncode == 0, imported.stderr
+    before = {a["name"]: a for a in json.loads(listing.read_text())}
+    after = {a["name"]: a for a in json.loads(cli(other, "actions", "list", "--json").stdout)}
+    assert sorted(after) == ["copy-a", "copy-b"]
+    for name, action in after.items():
+        for field in ("action_type", "config", "schedule", "description", "retry_max_attempts"):
+            assert action[field] == before[name][field], (name, field)
+    assert after["copy-b"]["status"] == "active"
