@@ -51,6 +51,9 @@ class Record:
     scheduled_for: datetime | None = None
     pipeline_run_id: int | None = None
     node_id: str | None = None
+    # What the kind's executor was handed along with the record, read in the transaction
+    # that started it (a pipeline node's context); not part of the record's identity.
+    context: Any = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -208,6 +211,9 @@ class Progress(Protocol):
     def advance_record(self, session: Session, record_id: int) -> list[Dispatch]:
         """After a node's final outcome: the records that became ready."""
 
+    def prepare(self, session: Session, record: Record) -> Record:
+        """A node record just started: the record with what its executor needs."""
+
 
 class SqlLedger(Sql):
     """:class:`LedgerPort` on PostgreSQL and SQLite, plus the operators' reads of runs.
@@ -269,7 +275,11 @@ class SqlLedger(Sql):
             row = session.execute(stmt).first()
             if row is None:
                 return _refusal(session, record_id, kind)
-            return record_of(record_id, kind, row, dict(row.definition))
+            record = record_of(record_id, kind, row, dict(row.definition))
+            if self.progress is not None and record.pipeline_run_id is not None:
+                # A pipeline node: its context is read in the transaction that started it.
+                record = self.progress.prepare(session, record)
+            return record
 
     def heartbeat(self, record_id: int, attempt: int) -> Pulse:
         """Record that the attempt's worker is alive, with the database clock."""

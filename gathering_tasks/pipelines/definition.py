@@ -103,6 +103,7 @@ class _Index:
     out: dict[str, tuple[EdgeSpec, ...]]
     order: tuple[str, ...]
     ancestors: dict[str, frozenset[str]]  # filled on demand
+    reads: dict[str, frozenset[str]]  # filled on demand
 
 
 def _topological(ids: Sequence[str], out: Mapping[str, tuple[EdgeSpec, ...]]) -> tuple[str, ...]:
@@ -149,6 +150,7 @@ class PipelineSpec:
             out=frozen_out,
             order=_topological(ids, frozen_out),
             ancestors={},
+            reads={},
         )
 
     def node(self, node_id: str) -> NodeSpec:
@@ -181,6 +183,37 @@ class PipelineSpec:
         if node_id not in cache:
             cache[node_id] = frozenset(_upstream(node_id, self.predecessors))
         return cache[node_id]
+
+    def reads(self, node_id: str) -> frozenset[str]:
+        """The nodes whose records the input document of ``node_id`` is built from.
+
+        Its predecessors (``inputs``), the nodes its templates name (``nodes.<id>``), every
+        ancestor for a condition (a JMESPath expression may read any of them), and the node
+        itself for a map (its children read their item from its record). A record's input
+        needs no other state, so a worker reads only these.
+        """
+        cache = self._index.reads
+        if node_id not in cache:
+            cache[node_id] = frozenset(self._reads(node_id))
+        return cache[node_id]
+
+    @cached_property
+    def steering(self) -> frozenset[str]:
+        """The nodes whose outputs decide what runs next: conditions (the branch taken) and
+        maps (the items they fan out over)."""
+        return frozenset(node.id for node in self.nodes if node.type in ("condition", "map"))
+
+    def _reads(self, node_id: str) -> set[str]:
+        node = self.node(node_id)
+        if node.type == "condition":
+            return set(self.ancestors(node_id))
+        named = {
+            str(ref.path[1])
+            for ref in templates.references(node.config)
+            if len(ref.path) > 1 and ref.path[0] == "nodes"
+        }
+        itself = {node_id} if node.type == "map" else set()
+        return {*self.predecessors(node_id), *named, *itself}
 
     def retry_for(self, node_id: str) -> RetrySpec:
         """The node's retry policy, else the pipeline's, else the default (one attempt)."""
