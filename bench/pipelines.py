@@ -477,8 +477,8 @@ PHASES = (
     Phase(SqlLedger, "finish", "ledger.finish: outcome + advance (one transaction)"),
     Phase(
         PipelineStore,
-        "advance",
-        "  of which advance: lock run, pipeline row, plan, INSERT",
+        "advance_record",
+        "  of which advance: statuses, plan, INSERT",
         summed=False,
     ),
     Phase(
@@ -813,6 +813,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=STEPS, help="chain length and fan width")
     parser.add_argument("--json", type=Path, help="also write every sample to this file")
+    parser.add_argument(
+        "--drain-only",
+        action="store_true",
+        help="only the in-process breakdown (no worker processes, no comparison)",
+    )
     return parser.parse_args()
 
 
@@ -857,7 +862,7 @@ def run_bench(args: argparse.Namespace, stack: ExitStack, log: Callable[[str], N
     )
     reps = args.reps or (QUICK_REPS if args.quick else FULL_REPS)
     samples: list[Sample] = []
-    for concurrency in args.concurrency:
+    for concurrency in () if args.drain_only else args.concurrency:
         log(f"concurrency {concurrency}: starting both workers")
         samples += bench.measure(concurrency, reps)
     log("workers stopped; draining the same pipelines in this process, with timers")
@@ -884,15 +889,15 @@ def main() -> int:
     except BenchFailed as exc:
         log(f"FAILED: {exc}")
         return 1
-    summaries = [
-        summarize(result.samples, w, c) for c in args.concurrency for w in result.workloads
-    ]
+    concurrencies = () if args.drain_only else args.concurrency
+    summaries = [summarize(result.samples, w, c) for c in concurrencies for w in result.workloads]
     print("\n".join(result.info))
     print(f"total run time: {time.monotonic() - started:.0f} s\n")
-    print(verdict_table(summaries))
-    print()
-    print(detail_table(summaries))
-    print()
+    if summaries:
+        print(verdict_table(summaries))
+        print()
+        print(detail_table(summaries))
+        print()
     print(breakdown_table(result.breakdowns))
     if args.json:
         raw = {

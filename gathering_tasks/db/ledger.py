@@ -14,9 +14,9 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Table, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gathering_tasks.db.models import Execution, ScheduledAction
@@ -24,6 +24,8 @@ from gathering_tasks.db.sql import Sql
 from gathering_tasks.errors import NotFound
 from gathering_tasks.keys import MAX_ATTEMPT_HISTORY, RETRY_CLOCK_SKEW_S
 
+# The hot path writes through the table (Core), not the mapped class: no ORM bookkeeping.
+EX = cast(Table, Execution.__table__)
 UNFINISHED = ("pending", "running", "retrying")
 FINAL = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
 Refusal = Literal["missing", "kind_mismatch", "not_startable"]
@@ -231,9 +233,9 @@ class SqlLedger(Sql):
         self, record_id: int, *, kind: str, worker: str, task_id: str | None
     ) -> Record | StartRefused:
         """Move a record ``pending|retrying -> running`` if it is of ``kind``."""
-        e = Execution
+        e = EX.c
         stmt = (
-            update(e)
+            update(EX)
             .where(
                 e.id == record_id,
                 e.kind == kind,
@@ -283,9 +285,9 @@ class SqlLedger(Sql):
 
     def heartbeat(self, record_id: int, attempt: int) -> Pulse:
         """Record that the attempt's worker is alive, with the database clock."""
-        e = Execution
+        e = EX.c
         stmt = (
-            update(e)
+            update(EX)
             .where(e.id == record_id, e.attempt == attempt, e.status == "running")
             .values(heartbeat_at=self.now())
             .returning(e.cancel_requested_at)
@@ -467,7 +469,7 @@ def close_attempt(
     Fenced by attempt and ``from_status``; with ``stale_before`` (the sweeper) also by the
     heartbeat still being older than that, so a heartbeat that landed since means alive.
     """
-    e = Execution
+    e = EX.c
     fence = [e.id == record_id, e.attempt == attempt, e.status == from_status]
     if stale_before is not None:
         fence.append(e.heartbeat_at < stale_before)
@@ -481,7 +483,7 @@ def close_attempt(
     entry["error"] = error
     history = [*(row.attempts or []), entry][-MAX_ATTEMPT_HISTORY:]
     session.execute(
-        update(e)
+        update(EX)
         .where(*fence)
         .values(status=status, error=error, attempts=history, updated_at=sql.now(), **values)
     )

@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 FAILED = ("failed", "timed_out")
 _SPECS: dict[tuple[str, int, int], PipelineSpec] = {}
 MAX_CACHED_SPECS = 256
-_LOCKED = "gathering.locked_runs"  # session.info: the runs this transaction locked
+# session.info: the runs this transaction locked (by node record), and those it ended
+_LOCKED = "gathering.locked_runs"
+_ENDED = "gathering.ended_runs"
 
 EX = cast(Table, Execution.__table__)
 RUNS = cast(Table, PipelineRun.__table__)
@@ -89,13 +91,12 @@ def _run_info(row: Any) -> RunInfo:
 @dataclass(frozen=True)
 class NodeContext:
     """What a node record runs with, read in the transaction that started it: the spec,
-    the states of the records its input is built from (``PipelineSpec.reads``), the run's
-    input data and status."""
+    the states of the records its input is built from (``PipelineSpec.reads``), and the
+    run's input data when the node reads it."""
 
     spec: PipelineSpec
     states: dict[str, NodeState]
     trigger_data: dict[str, Any]
-    run_status: str
 
 
 @dataclass
@@ -344,25 +345,31 @@ class PipelineStore(Sql):
         return context if isinstance(context, NodeContext) else None
 
     def _context(self, session: Session, record: Record) -> NodeContext | None:
-        if record.pipeline_run_id is None or record.node_id is None:
+        """Read in the transaction that moved the record to ``running``. The run's status
+        needs no reading: a run that ends cancels its queued nodes in the transaction that
+        ends it (``stop_nodes``), so a node that could start belongs to a running run, and
+        one running when it ends is told to stop."""
+        run_id, record_id = record.pipeline_run_id, record.node_id
+        if run_id is None or record_id is None:
             return None
-        row = session.execute(
-            select(
-                RUNS.c.status, RUNS.c.trigger_data, RUNS.c.pipeline_id, RUNS.c.pipeline_version
-            ).where(RUNS.c.id == record.pipeline_run_id)
-        ).first()
-        if row is None:
-            return None
-        spec = spec_of(session, row.pipeline_id, row.pipeline_version)
-        node_id, _index = split_record_id(record.node_id)
-        states = read_states(session, record.pipeline_run_id, spec, spec.reads(node_id))
-        return NodeContext(spec, states, dict(row.trigger_data or {}), row.status)
+        definition = record.definition
+        spec = spec_of(session, int(definition["pipeline_id"]), int(definition["version"]))
+        node_id, _index = split_record_id(record_id)
+        trigger: dict[str, Any] = {}
+        if spec.reads_trigger(node_id):
+            data = session.execute(
+                select(RUNS.c.trigger_data).where(RUNS.c.id == run_id)
+            ).scalar_one_or_none()
+            trigger = dict(data or {})
+        states = read_states(session, run_id, spec, spec.reads(node_id))
+        return NodeContext(spec, states, trigger)
 
     def lock_run_of(self, session: Session, record_id: int) -> int | None:
         """The ledger's first hook: lock the run of a node record before its row (one
-        statement; only the run's row is locked by it)."""
+        statement; it locks only the run's row). What :meth:`advance_record` needs of the
+        run is kept with the transaction."""
         stmt = (
-            select(*_RUN_INFO)
+            select(*_RUN_INFO, EX.c.node_id)
             .select_from(
                 EX.join(RUNS, RUNS.c.id == EX.c.pipeline_run_id).join(
                     PIPES, PIPES.c.id == RUNS.c.pipeline_id
@@ -375,32 +382,40 @@ class PipelineStore(Sql):
         row = session.execute(stmt).first()
         if row is None:
             return None
-        session.info.setdefault(_LOCKED, {})[row.id] = _run_info(row)
+        session.info.setdefault(_LOCKED, {})[record_id] = (_run_info(row), row.node_id)
         return int(row.id)
 
     def advance_record(self, session: Session, record_id: int) -> list[Dispatch]:
         """The ledger's hook: after a final outcome of ``record_id``, if it is a node of a
         pipeline run, move that run on (same transaction, after :meth:`lock_run_of`)."""
-        row = session.execute(
-            select(EX.c.pipeline_run_id, EX.c.node_id, EX.c.status).where(EX.c.id == record_id)
-        ).first()
-        if row is None or row.pipeline_run_id is None:
-            return []
-        run = session.info.get(_LOCKED, {}).get(row.pipeline_run_id)
-        if run is None:
-            self.lock_run_of(session, record_id)
-            run = session.info[_LOCKED][row.pipeline_run_id]
+        locked = session.info.get(_LOCKED, {}).get(record_id)
+        if locked is None:
+            if self.lock_run_of(session, record_id) is None:
+                return []
+            locked = session.info[_LOCKED][record_id]
+        run, node_id = locked
         if run.status != "running":
+            return []
+        # A run finished in this transaction is not moved on again.
+        if session.info.get(_ENDED, set()) & {run.id}:
             return []
         now = datetime.now(UTC)
         spec = spec_of(session, run.pipeline_id, run.version)
-        _count_health(session, spec, run, row, now)
-        return self._progress(session, run, now)
-
-    def _progress(self, session: Session, run: RunInfo, now: datetime) -> list[Dispatch]:
-        spec = spec_of(session, run.pipeline_id, run.version)
-        # Deciding needs every record's status, but only the outputs that steer.
         states = node_states(session, run.id, outputs_of=spec.steering)
+        _count_health(session, spec, run, record_id=node_id, states=states, now=now)
+        return self._progress(session, run, now, states)
+
+    def _progress(
+        self,
+        session: Session,
+        run: RunInfo,
+        now: datetime,
+        states: dict[str, NodeState] | None = None,
+    ) -> list[Dispatch]:
+        spec = spec_of(session, run.pipeline_id, run.version)
+        if states is None:
+            # Deciding needs every record's status, but only the outputs that steer.
+            states = node_states(session, run.id, outputs_of=spec.steering)
         plan = plan_advance(spec, states)
         if plan.final == "failed":
             error = "node(s) failed: " + ", ".join(plan.failed_nodes)
@@ -459,9 +474,7 @@ class PipelineStore(Sql):
         if cancel:
             values["cancel_requested_at"] = now
         session.execute(update(RUNS).where(RUNS.c.id == run.id).values(**values))
-        locked = session.info.get(_LOCKED)
-        if locked is not None and run.id in locked:
-            locked[run.id] = replace(run, status=status)
+        session.info.setdefault(_ENDED, set()).add(run.id)
         stop_nodes(self, session, run.id, reason=f"pipeline run {status}")
         finish_starter(self, session, run, status, outputs=outputs, error=error)
         log.info(
@@ -688,18 +701,25 @@ def finish_starter(
 
 
 def _count_health(
-    session: Session, spec: PipelineSpec, run: RunInfo, row: Any, now: datetime
+    session: Session,
+    spec: PipelineSpec,
+    run: RunInfo,
+    *,
+    record_id: str,
+    states: dict[str, NodeState],
+    now: datetime,
 ) -> None:
     """Count consecutive failures of one node across runs; open its circuit at the threshold.
 
     A node opts in with ``config.circuit = {"failures": N, "cooldown_s": S}``.
     """
-    spec_node_id, _index = split_record_id(str(row.node_id))
+    spec_node_id, _index = split_record_id(record_id)
     circuit = spec.node(spec_node_id).config.get("circuit") or {}
     threshold = int(circuit.get("failures", 0))
-    if not threshold or row.status not in (*FAILED, "succeeded"):
+    state = states.get(record_id)
+    if not threshold or state is None or state.status not in (*FAILED, "succeeded"):
         return
-    failed = row.status in FAILED
+    failed = state.status in FAILED
     h = PipelineNodeHealth
     health = session.get(h, (run.pipeline_id, spec_node_id))
     if health is None:

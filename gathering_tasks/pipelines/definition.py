@@ -103,7 +103,7 @@ class _Index:
     out: dict[str, tuple[EdgeSpec, ...]]
     order: tuple[str, ...]
     ancestors: dict[str, frozenset[str]]  # filled on demand
-    reads: dict[str, frozenset[str]]  # filled on demand
+    reads: dict[str, tuple[frozenset[str], bool]]  # filled on demand
 
 
 def _topological(ids: Sequence[str], out: Mapping[str, tuple[EdgeSpec, ...]]) -> tuple[str, ...]:
@@ -192,10 +192,11 @@ class PipelineSpec:
         itself for a map (its children read their item from its record). A record's input
         needs no other state, so a worker reads only these.
         """
-        cache = self._index.reads
-        if node_id not in cache:
-            cache[node_id] = frozenset(self._reads(node_id))
-        return cache[node_id]
+        return self._reads(node_id)[0]
+
+    def reads_trigger(self, node_id: str) -> bool:
+        """Does the input document of ``node_id`` need the run's input data (``trigger``)?"""
+        return self._reads(node_id)[1]
 
     @cached_property
     def steering(self) -> frozenset[str]:
@@ -203,17 +204,21 @@ class PipelineSpec:
         maps (the items they fan out over)."""
         return frozenset(node.id for node in self.nodes if node.type in ("condition", "map"))
 
-    def _reads(self, node_id: str) -> set[str]:
-        node = self.node(node_id)
-        if node.type == "condition":
-            return set(self.ancestors(node_id))
-        named = {
-            str(ref.path[1])
-            for ref in templates.references(node.config)
-            if len(ref.path) > 1 and ref.path[0] == "nodes"
-        }
-        itself = {node_id} if node.type == "map" else set()
-        return {*self.predecessors(node_id), *named, *itself}
+    def _reads(self, node_id: str) -> tuple[frozenset[str], bool]:
+        cache = self._index.reads
+        if node_id not in cache:
+            node = self.node(node_id)
+            refs = templates.references(node.config)
+            named = {str(r.path[1]) for r in refs if len(r.path) > 1 and r.path[0] == "nodes"}
+            if node.type == "condition":
+                named = set(self.ancestors(node_id))
+            elif node.type == "map":
+                named.add(node_id)
+            trigger = node.type in ("trigger", "condition") or any(
+                r.path[0] == "trigger" for r in refs
+            )
+            cache[node_id] = (frozenset({*self.predecessors(node_id), *named}), trigger)
+        return cache[node_id]
 
     def retry_for(self, node_id: str) -> RetrySpec:
         """The node's retry policy, else the pipeline's, else the default (one attempt)."""

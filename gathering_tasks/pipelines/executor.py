@@ -24,7 +24,7 @@ from typing import Any
 from gathering_tasks.clock import utcnow
 from gathering_tasks.db.ledger import Record
 from gathering_tasks.db.pipelines import NodeContext, PipelineStore
-from gathering_tasks.errors import ExecutionAborted, InvalidInput, PermanentFailure
+from gathering_tasks.errors import InvalidInput, PermanentFailure
 from gathering_tasks.guard import Detached
 from gathering_tasks.pipelines import evaluate
 from gathering_tasks.pipelines.definition import NodeSpec, PipelineSpec
@@ -65,9 +65,9 @@ def execute_node(
 ) -> Mapping[str, Any] | None:
     """Run one node (or one map item) of a pipeline run.
 
-    Its context (the spec, the states its input is built from, the run's data and status)
-    comes with the record, read when the ledger started it; the input it is given is
-    already recorded there.
+    Its context (the spec, the states its input is built from, the run's data) comes with
+    the record, read when the ledger started it; the input it is given is already recorded
+    there. A run that ends while the node works has it told to stop (the guard aborts it).
     """
     definition = record.definition
     context = record.context if isinstance(record.context, NodeContext) else None
@@ -75,8 +75,6 @@ def execute_node(
         context = store.node_context(record)
     if context is None:
         raise PermanentFailure(f"record {record.id} is not a node of a pipeline run")
-    if context.run_status != "running":
-        raise ExecutionAborted(f"pipeline run {record.pipeline_run_id} is {context.run_status}")
     record_id = record_node_id(record)
     node_id, _index = split_record_id(record_id)
     spec = context.spec
