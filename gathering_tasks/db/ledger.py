@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, cast
 
-from sqlalchemy import Table, func, or_, select, update
+from sqlalchemy import Table, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gathering_tasks.db.models import Execution, ScheduledAction
@@ -228,17 +228,27 @@ class SqlLedger(Sql):
     def __init__(self, factory: sessionmaker[Session], *, progress: Progress | None = None) -> None:
         super().__init__(factory)
         self.progress = progress
-
-    def start(
-        self, record_id: int, *, kind: str, worker: str, task_id: str | None
-    ) -> Record | StartRefused:
-        """Move a record ``pending|retrying -> running`` if it is of ``kind``."""
-        e = EX.c
-        stmt = (
+        # Built once: every delivery runs these two (and a running record one per pulse).
+        self._start = self._start_statement()
+        self._heartbeat = (
             update(EX)
             .where(
-                e.id == record_id,
-                e.kind == kind,
+                EX.c.id == bindparam("p_id"),
+                EX.c.attempt == bindparam("p_attempt"),
+                EX.c.status == "running",
+            )
+            .values(heartbeat_at=self.clock())
+            .returning(EX.c.cancel_requested_at)
+        )
+
+    def _start_statement(self) -> Any:
+        e = EX.c
+        now = self.clock()
+        return (
+            update(EX)
+            .where(
+                e.id == bindparam("p_id"),
+                e.kind == bindparam("p_kind"),
                 # Cancelled while it ran (and then requeued): it never starts again.
                 e.cancel_requested_at.is_(None),
                 e.status.in_(("pending", "retrying")),
@@ -246,21 +256,21 @@ class SqlLedger(Sql):
                 # of the message is dropped.
                 or_(
                     e.retry_at.is_(None),
-                    e.retry_at <= self.now(timedelta(seconds=RETRY_CLOCK_SKEW_S)),
+                    e.retry_at <= self.clock("skewed", timedelta(seconds=RETRY_CLOCK_SKEW_S)),
                 ),
             )
             .values(
                 status="running",
                 attempt=e.attempt + 1,
-                worker=worker,
-                celery_task_id=task_id,
-                started_at=self.now(),
-                heartbeat_at=self.now(),
+                worker=bindparam("p_worker"),
+                celery_task_id=bindparam("p_task_id"),
+                started_at=now,
+                heartbeat_at=now,
                 retry_at=None,
                 # A started record's messages did their job: the next attempt backs off afresh.
                 publish_count=0,
                 republish_at=None,
-                updated_at=self.now(),
+                updated_at=now,
             )
             .returning(
                 e.attempt,
@@ -273,8 +283,15 @@ class SqlLedger(Sql):
                 e.node_id,
             )
         )
+
+    def start(
+        self, record_id: int, *, kind: str, worker: str, task_id: str | None
+    ) -> Record | StartRefused:
+        """Move a record ``pending|retrying -> running`` if it is of ``kind``."""
+        params = {"p_id": record_id, "p_kind": kind, "p_worker": worker, "p_task_id": task_id}
+        params.update(self.clock_values(skewed=timedelta(seconds=RETRY_CLOCK_SKEW_S)))
         with self.write_tx() as session:
-            row = session.execute(stmt).first()
+            row = session.connection().execute(self._start, params).first()
             if row is None:
                 return _refusal(session, record_id, kind)
             record = record_of(record_id, kind, row, dict(row.definition))
@@ -285,15 +302,9 @@ class SqlLedger(Sql):
 
     def heartbeat(self, record_id: int, attempt: int) -> Pulse:
         """Record that the attempt's worker is alive, with the database clock."""
-        e = EX.c
-        stmt = (
-            update(EX)
-            .where(e.id == record_id, e.attempt == attempt, e.status == "running")
-            .values(heartbeat_at=self.now())
-            .returning(e.cancel_requested_at)
-        )
+        params = {"p_id": record_id, "p_attempt": attempt, **self.clock_values()}
         with self.write_tx() as session:
-            row = session.execute(stmt).first()
+            row = session.connection().execute(self._heartbeat, params).first()
         if row is None:
             return Pulse(owned=False)
         return Pulse(owned=True, cancel_requested=row.cancel_requested_at is not None)

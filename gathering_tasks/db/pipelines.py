@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, case, func, literal, or_, select, update
+from sqlalchemy import Table, bindparam, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -86,6 +86,33 @@ _RUN_INFO = (
 
 def _run_info(row: Any) -> RunInfo:
     return RunInfo(row.id, row.status, row.pipeline_id, row.version, row.name, row.action_run_id)
+
+
+# Built once: a node record's start and outcome run these.
+_LOCK_RUN_OF = (
+    select(*_RUN_INFO, EX.c.node_id)
+    .select_from(
+        EX.join(RUNS, RUNS.c.id == EX.c.pipeline_run_id).join(
+            PIPES, PIPES.c.id == RUNS.c.pipeline_id
+        )
+    )
+    .where(EX.c.id == bindparam("p_id"))
+)
+_LOCK_RUN_OF_PG = _LOCK_RUN_OF.with_for_update(of=RUNS)
+_TRIGGER_DATA = select(RUNS.c.trigger_data).where(RUNS.c.id == bindparam("p_run"))
+_RECORD_INPUT = (
+    update(EX)
+    .where(EX.c.id == bindparam("p_id"), EX.c.attempt == bindparam("p_attempt"))
+    .values(input=bindparam("p_input", type_=EX.c.input.type))
+)
+_OF_RUN = EX.c.pipeline_run_id == bindparam("p_run")
+_STATES = select(EX.c.node_id, EX.c.status, EX.c.result).where(_OF_RUN)
+_STATES_OF = _STATES.where(EX.c.node_id.in_(bindparam("p_nodes", expanding=True)))
+_STATUSES = select(
+    EX.c.node_id,
+    EX.c.status,
+    case((EX.c.node_id.in_(bindparam("p_nodes", expanding=True)), EX.c.result)).label("result"),
+).where(_OF_RUN)
 
 
 @dataclass(frozen=True)
@@ -330,10 +357,9 @@ class PipelineStore(Sql):
         except ValueError:
             # A map record without its items: the executor fails the node, naming it.
             return replace(record, context=context)
-        session.execute(
-            update(EX)
-            .where(EX.c.id == record.id, EX.c.attempt == record.attempt)
-            .values(input=bounded_result(given, self.max_input_bytes) or {})
+        given_input_ = bounded_result(given, self.max_input_bytes) or {}
+        session.connection().execute(
+            _RECORD_INPUT, {"p_id": record.id, "p_attempt": record.attempt, "p_input": given_input_}
         )
         return replace(record, context=context)
 
@@ -357,9 +383,7 @@ class PipelineStore(Sql):
         node_id, _index = split_record_id(record_id)
         trigger: dict[str, Any] = {}
         if spec.reads_trigger(node_id):
-            data = session.execute(
-                select(RUNS.c.trigger_data).where(RUNS.c.id == run_id)
-            ).scalar_one_or_none()
+            data = session.connection().execute(_TRIGGER_DATA, {"p_run": run_id}).scalar()
             trigger = dict(data or {})
         states = read_states(session, run_id, spec, spec.reads(node_id))
         return NodeContext(spec, states, trigger)
@@ -368,18 +392,8 @@ class PipelineStore(Sql):
         """The ledger's first hook: lock the run of a node record before its row (one
         statement; it locks only the run's row). What :meth:`advance_record` needs of the
         run is kept with the transaction."""
-        stmt = (
-            select(*_RUN_INFO, EX.c.node_id)
-            .select_from(
-                EX.join(RUNS, RUNS.c.id == EX.c.pipeline_run_id).join(
-                    PIPES, PIPES.c.id == RUNS.c.pipeline_id
-                )
-            )
-            .where(EX.c.id == record_id)
-        )
-        if self.dialect == "postgresql":
-            stmt = stmt.with_for_update(of=RUNS)
-        row = session.execute(stmt).first()
+        stmt = _LOCK_RUN_OF_PG if self.dialect == "postgresql" else _LOCK_RUN_OF
+        row = session.connection().execute(stmt, {"p_id": record_id}).first()
         if row is None:
             return None
         session.info.setdefault(_LOCKED, {})[record_id] = (_run_info(row), row.node_id)
@@ -569,19 +583,13 @@ def _states_of(rows: Any) -> dict[str, NodeState]:
 def node_states(
     session: Session, run_id: int, *, outputs_of: frozenset[str] | None = None
 ) -> dict[str, NodeState]:
-    """The state of every record of a run; with ``outputs_of``, only those records (and
-    their map children) carry their output."""
+    """The state of every record of a run; with ``outputs_of``, only those records carry
+    their output."""
     if outputs_of is None:
-        output: Any = EX.c.result
-    elif outputs_of:
-        output = case((EX.c.node_id.in_(sorted(outputs_of)), EX.c.result))
+        rows = session.connection().execute(_STATES, {"p_run": run_id})
     else:
-        output = literal(None, EX.c.result.type)
-    rows = session.execute(
-        select(EX.c.node_id, EX.c.status, output.label("result")).where(
-            EX.c.pipeline_run_id == run_id
-        )
-    )
+        params = {"p_run": run_id, "p_nodes": sorted(outputs_of)}
+        rows = session.connection().execute(_STATUSES, params)
     return _states_of(rows)
 
 
@@ -591,9 +599,16 @@ def read_states(
     """The states (with outputs) of the records of ``node_ids``, maps with their children."""
     if not node_ids:
         return {}
+    names = sorted(node_ids)
+    maps = [n for n in names if spec.node(n).type == "map"]
+    if not maps:
+        params = {"p_run": run_id, "p_nodes": names}
+        return _states_of(session.connection().execute(_STATES_OF, params))
     rows = session.execute(
         select(EX.c.node_id, EX.c.status, EX.c.result).where(
-            EX.c.pipeline_run_id == run_id, _of_nodes(node_ids, spec)
+            EX.c.pipeline_run_id == run_id,
+            # LIKE's ``_`` matches any character: what is not exactly a child is dropped.
+            or_(EX.c.node_id.in_(names), *(EX.c.node_id.like(f"{n}[%") for n in maps)),
         )
     )
     return {
@@ -601,16 +616,6 @@ def read_states(
         for node_id, state in _states_of(rows).items()
         if split_record_id(node_id)[0] in node_ids
     }
-
-
-def _of_nodes(node_ids: frozenset[str], spec: PipelineSpec) -> Any:
-    """Records of these nodes, and of a map among them also its children.
-
-    LIKE's ``_`` matches any character: callers drop what is not exactly a child.
-    """
-    names = sorted(node_ids)
-    maps = [n for n in names if spec.node(n).type == "map"]
-    return or_(EX.c.node_id.in_(names), *(EX.c.node_id.like(f"{n}[%") for n in maps))
 
 
 def _node_rows(session: Session, run_id: int) -> list[dict[str, Any]]:
