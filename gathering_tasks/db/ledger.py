@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, cast
 
-from sqlalchemy import Table, bindparam, func, or_, select, update
+from sqlalchemy import ClauseElement, Table, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gathering_tasks.db.models import Execution, ScheduledAction
@@ -325,7 +325,7 @@ class SqlLedger(Sql):
         the same transaction; the records that became ready are added to ``followups``, to
         publish after commit.
         """
-        finished = {"finished_at": self.now()} if status in FINAL else {}
+        finished = {"finished_at": DB_NOW} if status in FINAL else {}
         with self.write_tx() as session:
             node_of_run = (
                 self.progress.lock_run_of(session, record_id)
@@ -481,6 +481,17 @@ def close_attempt(
     heartbeat still being older than that, so a heartbeat that landed since means alive.
     """
     e = EX.c
+    if stale_before is None and not any(isinstance(v, ClauseElement) for v in values.values()):
+        return _close_fast(
+            sql,
+            session,
+            record_id=record_id,
+            attempt=attempt,
+            status=status,
+            error=error,
+            values=values,
+            from_status=from_status,
+        )
     fence = [e.id == record_id, e.attempt == attempt, e.status == from_status]
     if stale_before is not None:
         fence.append(e.heartbeat_at < stale_before)
@@ -489,15 +500,86 @@ def close_attempt(
     ).first()
     if row is None:
         return False
-    # The history is for people; the host clock is good enough for its end times.
-    entry = attempt_entry(attempt, status, row.worker, row.started_at, datetime.now(UTC))
-    entry["error"] = error
-    history = [*(row.attempts or []), entry][-MAX_ATTEMPT_HISTORY:]
+    history = _history(row, attempt, status, error)
     session.execute(
         update(EX)
         .where(*fence)
         .values(status=status, error=error, attempts=history, updated_at=sql.now(), **values)
     )
+    return True
+
+
+DB_NOW: Any = object()  # a value of close_attempt's ``values``: the database clock
+
+
+def _history(row: Any, attempt: int, status: str, error: str | None) -> list[dict[str, Any]]:
+    # The history is for people; the host clock is good enough for its end times.
+    entry = attempt_entry(attempt, status, row.worker, row.started_at, datetime.now(UTC))
+    entry["error"] = error
+    return [*(row.attempts or []), entry][-MAX_ATTEMPT_HISTORY:]
+
+
+_CLOSE_STATEMENTS: dict[tuple[str, tuple[tuple[str, bool], ...]], tuple[Any, Any]] = {}
+
+
+def _close_statements(sql: Sql, shape: tuple[tuple[str, bool], ...]) -> tuple[Any, Any]:
+    """close_attempt's SELECT ... FOR UPDATE and UPDATE for one shape of ``values`` (their
+    names, and which are the database clock), built once per dialect."""
+    key = (sql.dialect, shape)
+    if key not in _CLOSE_STATEMENTS:
+        e = EX.c
+        fence = (
+            e.id == bindparam("p_id"),
+            e.attempt == bindparam("p_attempt"),
+            e.status == bindparam("p_from"),
+        )
+        select_ = sql.for_update(select(e.attempts, e.started_at, e.worker).where(*fence))
+        extra = {
+            name: sql.clock() if clock else bindparam(f"p_{name}", type_=EX.c[name].type)
+            for name, clock in shape
+        }
+        update_ = (
+            update(EX)
+            .where(*fence)
+            .values(
+                status=bindparam("p_status"),
+                error=bindparam("p_error"),
+                attempts=bindparam("p_attempts", type_=e.attempts.type),
+                updated_at=sql.clock(),
+                **extra,
+            )
+        )
+        _CLOSE_STATEMENTS[key] = (select_, update_)
+    return _CLOSE_STATEMENTS[key]
+
+
+def _close_fast(
+    sql: Sql,
+    session: Session,
+    *,
+    record_id: int,
+    attempt: int,
+    status: str,
+    error: str | None,
+    values: Mapping[str, Any],
+    from_status: str,
+) -> bool:
+    shape = tuple(sorted((name, value is DB_NOW) for name, value in values.items()))
+    select_, update_ = _close_statements(sql, shape)
+    connection = session.connection()
+    fence = {"p_id": record_id, "p_attempt": attempt, "p_from": from_status}
+    row = connection.execute(select_, fence).first()
+    if row is None:
+        return False
+    params = {
+        **fence,
+        **sql.clock_values(),
+        "p_status": status,
+        "p_error": error,
+        "p_attempts": _history(row, attempt, status, error),
+        **{f"p_{name}": value for name, value in values.items() if value is not DB_NOW},
+    }
+    connection.execute(update_, params)
     return True
 
 
