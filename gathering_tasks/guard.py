@@ -215,6 +215,12 @@ class _Keepers:
         self.abort = _Abort()
         self.lease_lost = False
         self._key = id(self)
+        # Set once the work is over and its outcome is being written: then a heartbeat that
+        # finds the attempt closed (a call stuck in a stalled database while the outcome
+        # landed) says nothing new; the outcome write's own fence tells whether it was ours.
+        self._closing = threading.Event()
+        # Set when the block exits: a keeper call returning after that is ignored.
+        self._done = threading.Event()
 
     def __enter__(self) -> _Keepers:
         _LEASES.add(self._key, self._keep_lease, self._interval_s)
@@ -224,16 +230,21 @@ class _Keepers:
     def __exit__(
         self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
     ) -> None:
+        self._done.set()
         _LEASES.remove(self._key, wait_s=self._interval_s + 1)
         _HEARTBEATS.remove(self._key, wait_s=self._interval_s + 1)
+
+    def closing(self) -> None:
+        """The work is over; its outcome is about to be written (the keepers go on)."""
+        self._closing.set()
 
     @property
     def _extra(self) -> dict[str, Any]:
         return {"run_id": self._record.id, "attempt": self._record.attempt}
 
     def _keep_lease(self) -> bool:
-        if self._lease.renew() != "lost":
-            return True
+        if self._lease.renew() != "lost" or self._done.is_set():
+            return not self._done.is_set()
         self.lease_lost = True
         # The record still fences this attempt; a lost lease is never re-taken.
         log.warning("run lease lost; the heartbeat alone guards it now", extra=self._extra)
@@ -243,8 +254,14 @@ class _Keepers:
         try:
             pulse = self._ledger.heartbeat(self._record.id, self._record.attempt)
         except Exception as exc:
-            log.warning("heartbeat write failed: %s", describe_error(exc), extra=self._extra)
-            return True
+            if not self._done.is_set():
+                log.warning("heartbeat write failed: %s", describe_error(exc), extra=self._extra)
+            return not self._done.is_set()
+        if self._done.is_set():
+            return False
+        if not pulse.owned and self._closing.is_set():
+            log.debug("heartbeat found the attempt closed while its outcome is written")
+            return False
         if not pulse.owned:
             log.warning("run was taken over by another attempt; aborting", extra=self._extra)
             self.abort.trigger("superseded")
@@ -332,6 +349,7 @@ class ExecutionGuard:
             record = started
             with _Keepers(self._ledger, lease, record, self._config) as keepers:
                 verdict = self._run(record, executor, keepers.abort)
+                keepers.closing()
                 verdict = self._record_outcome(record, verdict)
         finally:
             lease.release()
