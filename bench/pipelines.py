@@ -464,23 +464,27 @@ WHOLE = "whole record (ExecutionGuard.execute)"
 PHASES = (
     Phase(ExecutionGuard, "execute", WHOLE, summed=False),
     Phase(Lease, "acquire", "Redis lease: acquire"),
-    Phase(SqlLedger, "start", "ledger.start: pending -> running (own transaction)"),
+    Phase(SqlLedger, "start", "ledger.start: pending -> running + the node's context"),
+    Phase(
+        PipelineStore,
+        "prepare",
+        "  of which the context: run row, states it reads, input",
+        summed=False,
+    ),
     Phase(guard_module._Keepers, "__enter__", "start the lease-keeper and heartbeat threads"),
-    Phase(PipelineStore, "run_context", "executor: run row + spec + every node's state"),
     Phase(PipelineStore, "circuit_open_until", "executor: circuit-breaker read (own session)"),
-    Phase(PipelineStore, "record_input", "executor: record_input (own transaction)"),
     Phase(node_executor, "_compute", "executor: the node's work (demo.add)"),
     Phase(SqlLedger, "finish", "ledger.finish: outcome + advance (one transaction)"),
     Phase(
         PipelineStore,
-        "advance",
-        "  of which advance: lock run, pipeline row, plan, INSERT",
+        "advance_record",
+        "  of which advance: statuses, plan, INSERT",
         summed=False,
     ),
     Phase(
         db_pipelines,
         "node_states",
-        "  every node's state (in run_context and advance)",
+        "  every node's status (in advance)",
         summed=False,
     ),
     Phase(guard_module._Keepers, "__exit__", "stop the keeper threads"),
@@ -553,7 +557,7 @@ class Drain:
         self.queue: deque[Dispatch] = deque()
         self.client = redis.Redis.from_url(settings.redis_url)
         self.repo = ours.service.repo
-        self.max_input_bytes = settings.max_result_bytes
+        self.repo.pipelines.max_input_bytes = settings.max_result_bytes
         self.guard = ExecutionGuard(
             self.repo.ledger,
             lambda record_id: Lease(
@@ -579,7 +583,6 @@ class Drain:
             abort,
             skills=NODE_SKILLS,
             task_allowed=task_allowed,
-            max_input_bytes=self.max_input_bytes,
         )
 
     def run(self, workload: Workload) -> int:
@@ -781,7 +784,7 @@ def detail_table(summaries: list[Summary]) -> str:
 def canvas_config(database_url: str, redis_url: str) -> dict[str, Any]:
     """Our Celery settings for the peer, minus our app's own, plus the result backend."""
     config = celery_config(Settings(database_url=database_url, redis_url=redis_url))
-    for ours_only in ("beat_scheduler", "beat_max_loop_interval", "imports"):
+    for ours_only in ("beat_scheduler", "beat_max_loop_interval", "imports", "task_queues"):
         config.pop(ours_only)
     config.update(
         result_backend=redis_url,
@@ -810,6 +813,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=STEPS, help="chain length and fan width")
     parser.add_argument("--json", type=Path, help="also write every sample to this file")
+    parser.add_argument(
+        "--drain-only",
+        action="store_true",
+        help="only the in-process breakdown (no worker processes, no comparison)",
+    )
     return parser.parse_args()
 
 
@@ -854,7 +862,7 @@ def run_bench(args: argparse.Namespace, stack: ExitStack, log: Callable[[str], N
     )
     reps = args.reps or (QUICK_REPS if args.quick else FULL_REPS)
     samples: list[Sample] = []
-    for concurrency in args.concurrency:
+    for concurrency in () if args.drain_only else args.concurrency:
         log(f"concurrency {concurrency}: starting both workers")
         samples += bench.measure(concurrency, reps)
     log("workers stopped; draining the same pipelines in this process, with timers")
@@ -881,15 +889,15 @@ def main() -> int:
     except BenchFailed as exc:
         log(f"FAILED: {exc}")
         return 1
-    summaries = [
-        summarize(result.samples, w, c) for c in args.concurrency for w in result.workloads
-    ]
+    concurrencies = () if args.drain_only else args.concurrency
+    summaries = [summarize(result.samples, w, c) for c in concurrencies for w in result.workloads]
     print("\n".join(result.info))
     print(f"total run time: {time.monotonic() - started:.0f} s\n")
-    print(verdict_table(summaries))
-    print()
-    print(detail_table(summaries))
-    print()
+    if summaries:
+        print(verdict_table(summaries))
+        print()
+        print(detail_table(summaries))
+        print()
     print(breakdown_table(result.breakdowns))
     if args.json:
         raw = {

@@ -5,7 +5,8 @@ For each delivery of a record's message a worker:
 1. takes the record's Redis lease (token-checked);
 2. moves the record ``pending|retrying -> running`` if it is of the delivery's kind
    (a conditional UPDATE); a delivery whose kind does not match is dropped untouched;
-3. executes, while two independent keepers run beside the work:
+3. executes, while two independent keepers (one thread each per worker process, serving
+   every record executing in it) run beside the work:
    * the **lease keeper** renews the Redis lease. It never waits on the database, so a
      stalled database cannot make a live run's lease lapse. A lease found lost is never
      re-taken (another worker may be inside the work by now);
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -123,61 +126,150 @@ class _Abort:
         self.interrupter.fire()
 
 
+class _Ticker:
+    """One thread of a process that calls, for every record executing in the process, its
+    duty every interval (renew its lease; stamp its heartbeat). Started on first use, and
+    afresh in a forked child (threads do not survive ``fork``).
+
+    A duty returns False when it is done for good (lease lost, attempt taken over).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the thread and its duties (in a forked child, whose copy of the lock may
+        have been held by a thread that does not exist there)."""
+        self._cond = threading.Condition()
+        # key -> [next call (monotonic s), duty, interval s]
+        self._duties: dict[int, list[Any]] = {}
+        self._busy: int | None = None  # the key whose duty runs now
+        self._started = False
+
+    def add(self, key: int, duty: Callable[[], bool], interval_s: float) -> None:
+        with self._cond:
+            if not self._started:
+                self._started = True
+                threading.Thread(target=self._loop, name=self._name, daemon=True).start()
+            self._duties[key] = [time.monotonic() + interval_s, duty, interval_s]
+            self._cond.notify_all()
+
+    def remove(self, key: int, *, wait_s: float) -> None:
+        """Stop calling ``key``'s duty; wait (bounded) for a call in progress to return.
+        A duty stuck in a stalled database call is left to return on its own."""
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            self._duties.pop(key, None)
+            while self._busy == key and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+
+    def _next(self) -> tuple[int, Callable[[], bool]]:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                due = min(self._duties.items(), key=lambda kv: kv[1][0], default=None)
+                if due is not None and due[1][0] <= now:
+                    key, entry = due
+                    entry[0] = now + entry[2]
+                    self._busy = key
+                    return key, entry[1]
+                self._cond.wait(None if due is None else due[1][0] - now)
+
+    def _loop(self) -> None:
+        while True:
+            key, duty = self._next()
+            try:
+                keep = duty()
+            except Exception as exc:  # a duty must not end the thread of every record
+                log.warning("%s: %s", self._name, describe_error(exc))
+                keep = True
+            with self._cond:
+                self._busy = None
+                if not keep:
+                    self._duties.pop(key, None)
+                self._cond.notify_all()
+
+
+_LEASES = _Ticker("gathering-lease-keeper")
+_HEARTBEATS = _Ticker("gathering-heartbeat")
+
+
+def _after_fork_in_child() -> None:
+    _LEASES.reset()
+    _HEARTBEATS.reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Keepers:
-    """The lease keeper and the heartbeat, each in its own thread, until the block exits."""
+    """While the block runs: the record's lease renewed and its heartbeat stamped, by the
+    process's two keeper threads (one never waits on the database, the other on Redis)."""
 
     def __init__(
         self, ledger: LedgerPort, lease: LeaseLike, record: Record, config: GuardConfig
     ) -> None:
         self._ledger, self._lease, self._record = ledger, lease, record
         self._interval_s = config.heartbeat_interval_s
-        self._stop = threading.Event()
         self.abort = _Abort()
         self.lease_lost = False
-        self._threads = [
-            threading.Thread(target=self._keep_lease, name=f"lease-{record.id}", daemon=True),
-            threading.Thread(target=self._heartbeat, name=f"heartbeat-{record.id}", daemon=True),
-        ]
+        self._key = id(self)
+        # Set once the work is over and its outcome is being written: then a heartbeat that
+        # finds the attempt closed (a call stuck in a stalled database while the outcome
+        # landed) says nothing new; the outcome write's own fence tells whether it was ours.
+        self._closing = threading.Event()
+        # Set when the block exits: a keeper call returning after that is ignored.
+        self._done = threading.Event()
 
     def __enter__(self) -> _Keepers:
-        for thread in self._threads:
-            thread.start()
+        _LEASES.add(self._key, self._keep_lease, self._interval_s)
+        _HEARTBEATS.add(self._key, self._heartbeat, self._interval_s)
         return self
 
     def __exit__(
         self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
     ) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            # A heartbeat stuck in a stalled database call is a daemon and ends with it.
-            thread.join(timeout=self._interval_s + 1)
+        self._done.set()
+        _LEASES.remove(self._key, wait_s=self._interval_s + 1)
+        _HEARTBEATS.remove(self._key, wait_s=self._interval_s + 1)
+
+    def closing(self) -> None:
+        """The work is over; its outcome is about to be written (the keepers go on)."""
+        self._closing.set()
 
     @property
     def _extra(self) -> dict[str, Any]:
         return {"run_id": self._record.id, "attempt": self._record.attempt}
 
-    def _keep_lease(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            if self._lease.renew() == "lost":
-                self.lease_lost = True
-                # The record still fences this attempt; a lost lease is never re-taken.
-                log.warning("run lease lost; the heartbeat alone guards it now", extra=self._extra)
-                return
+    def _keep_lease(self) -> bool:
+        if self._lease.renew() != "lost" or self._done.is_set():
+            return not self._done.is_set()
+        self.lease_lost = True
+        # The record still fences this attempt; a lost lease is never re-taken.
+        log.warning("run lease lost; the heartbeat alone guards it now", extra=self._extra)
+        return False
 
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                pulse = self._ledger.heartbeat(self._record.id, self._record.attempt)
-            except Exception as exc:
+    def _heartbeat(self) -> bool:
+        try:
+            pulse = self._ledger.heartbeat(self._record.id, self._record.attempt)
+        except Exception as exc:
+            if not self._done.is_set():
                 log.warning("heartbeat write failed: %s", describe_error(exc), extra=self._extra)
-                continue
-            if not pulse.owned:
-                log.warning("run was taken over by another attempt; aborting", extra=self._extra)
-                self.abort.trigger("superseded")
-                return
-            if pulse.cancel_requested:
-                log.warning("run cancellation requested; aborting", extra=self._extra)
-                self.abort.trigger("cancelled")
+            return not self._done.is_set()
+        if self._done.is_set():
+            return False
+        if not pulse.owned and self._closing.is_set():
+            log.debug("heartbeat found the attempt closed while its outcome is written")
+            return False
+        if not pulse.owned:
+            log.warning("run was taken over by another attempt; aborting", extra=self._extra)
+            self.abort.trigger("superseded")
+            return False
+        if pulse.cancel_requested:
+            log.warning("run cancellation requested; aborting", extra=self._extra)
+            self.abort.trigger("cancelled")
+        return True
 
 
 @dataclass(frozen=True)
@@ -257,6 +349,7 @@ class ExecutionGuard:
             record = started
             with _Keepers(self._ledger, lease, record, self._config) as keepers:
                 verdict = self._run(record, executor, keepers.abort)
+                keepers.closing()
                 verdict = self._record_outcome(record, verdict)
         finally:
             lease.release()

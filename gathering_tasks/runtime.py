@@ -21,7 +21,9 @@ UPGRADE_HINT = "run `gathering-tasks db upgrade` (with the same GATHERING_DATABA
 @functools.cache
 def repository(database_url: str | None = None) -> Repository:
     settings = get_settings()
-    return open_repository(database_url or settings.database_url, settings.db_timeouts)
+    repo = open_repository(database_url or settings.database_url, settings.db_timeouts)
+    repo.pipelines.max_input_bytes = settings.max_result_bytes
+    return repo
 
 
 def open_repository(database_url: str, timeouts: DbTimeouts | None = None) -> Repository:

@@ -129,7 +129,6 @@ def execute_node(record: Record, abort: threading.Event) -> Mapping[str, Any] | 
         abort,
         skills=NODE_SKILLS,
         task_allowed=task_allowed,
-        max_input_bytes=runtime.settings().max_result_bytes,
     )
 
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# A pooled PostgreSQL connection idle for longer than this is pinged before it is handed out.
+PING_AFTER_IDLE_S = 1.0
+_IDLE_SINCE = "gathering.idle_since"
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,6 @@ def make_engine(database_url: str, timeouts: DbTimeouts | None = None, **kwargs:
         return engine
     if timeouts is not None and url.get_driver_name() == "psycopg2":
         kwargs.setdefault("connect_args", _postgres_args(timeouts))
-    kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 5)
     if url.get_driver_name() == "psycopg2":
@@ -89,7 +92,39 @@ def make_engine(database_url: str, timeouts: DbTimeouts | None = None, **kwargs:
         # otherwise be one round trip per row; execute_batch sends pages of statements.
         kwargs.setdefault("executemany_mode", "values_plus_batch")
         kwargs.setdefault("executemany_batch_page_size", 500)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if not kwargs.get("pool_pre_ping"):
+        _ping_when_idle(engine, PING_AFTER_IDLE_S)
+    return engine
+
+
+def _ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """Pessimistic disconnect handling that costs a busy worker nothing: a connection back
+    in use within ``idle_s`` is handed out as is (``pool_pre_ping`` would add a round trip
+    to every transaction); one idle for longer is pinged first, and a dead one replaced.
+
+    A database restarted under a busy process fails at most the statement in flight; that
+    error marks every pooled connection stale, and the caller's retry gets a fresh one.
+    """
+
+    @event.listens_for(engine.pool, "checkin")
+    def _checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine.pool, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is None or time.monotonic() - since < idle_s:
+            return  # just connected, or in use a moment ago
+        try:
+            cursor = dbapi_conn.cursor()
+            try:
+                cursor.execute("SELECT 1")
+            finally:
+                cursor.close()
+        except engine.dialect.loaded_dbapi.Error as error:
+            # The pool drops this connection and checks out another (a fresh one).
+            raise exc.DisconnectionError(str(error)) from error
 
 
 _FACTORIES: dict[str, sessionmaker[Session]] = {}

@@ -14,9 +14,9 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ClauseElement, Table, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gathering_tasks.db.models import Execution, ScheduledAction
@@ -24,6 +24,8 @@ from gathering_tasks.db.sql import Sql
 from gathering_tasks.errors import NotFound
 from gathering_tasks.keys import MAX_ATTEMPT_HISTORY, RETRY_CLOCK_SKEW_S
 
+# The hot path writes through the table (Core), not the mapped class: no ORM bookkeeping.
+EX = cast(Table, Execution.__table__)
 UNFINISHED = ("pending", "running", "retrying")
 FINAL = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
 Refusal = Literal["missing", "kind_mismatch", "not_startable"]
@@ -51,6 +53,9 @@ class Record:
     scheduled_for: datetime | None = None
     pipeline_run_id: int | None = None
     node_id: str | None = None
+    # What the kind's executor was handed along with the record, read in the transaction
+    # that started it (a pipeline node's context); not part of the record's identity.
+    context: Any = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -208,6 +213,9 @@ class Progress(Protocol):
     def advance_record(self, session: Session, record_id: int) -> list[Dispatch]:
         """After a node's final outcome: the records that became ready."""
 
+    def prepare(self, session: Session, record: Record) -> Record:
+        """A node record just started: the record with what its executor needs."""
+
 
 class SqlLedger(Sql):
     """:class:`LedgerPort` on PostgreSQL and SQLite, plus the operators' reads of runs.
@@ -220,17 +228,27 @@ class SqlLedger(Sql):
     def __init__(self, factory: sessionmaker[Session], *, progress: Progress | None = None) -> None:
         super().__init__(factory)
         self.progress = progress
-
-    def start(
-        self, record_id: int, *, kind: str, worker: str, task_id: str | None
-    ) -> Record | StartRefused:
-        """Move a record ``pending|retrying -> running`` if it is of ``kind``."""
-        e = Execution
-        stmt = (
-            update(e)
+        # Built once: every delivery runs these two (and a running record one per pulse).
+        self._start = self._start_statement()
+        self._heartbeat = (
+            update(EX)
             .where(
-                e.id == record_id,
-                e.kind == kind,
+                EX.c.id == bindparam("p_id"),
+                EX.c.attempt == bindparam("p_attempt"),
+                EX.c.status == "running",
+            )
+            .values(heartbeat_at=self.clock())
+            .returning(EX.c.cancel_requested_at)
+        )
+
+    def _start_statement(self) -> Any:
+        e = EX.c
+        now = self.clock()
+        return (
+            update(EX)
+            .where(
+                e.id == bindparam("p_id"),
+                e.kind == bindparam("p_kind"),
                 # Cancelled while it ran (and then requeued): it never starts again.
                 e.cancel_requested_at.is_(None),
                 e.status.in_(("pending", "retrying")),
@@ -238,21 +256,21 @@ class SqlLedger(Sql):
                 # of the message is dropped.
                 or_(
                     e.retry_at.is_(None),
-                    e.retry_at <= self.now(timedelta(seconds=RETRY_CLOCK_SKEW_S)),
+                    e.retry_at <= self.clock("skewed", timedelta(seconds=RETRY_CLOCK_SKEW_S)),
                 ),
             )
             .values(
                 status="running",
                 attempt=e.attempt + 1,
-                worker=worker,
-                celery_task_id=task_id,
-                started_at=self.now(),
-                heartbeat_at=self.now(),
+                worker=bindparam("p_worker"),
+                celery_task_id=bindparam("p_task_id"),
+                started_at=now,
+                heartbeat_at=now,
                 retry_at=None,
                 # A started record's messages did their job: the next attempt backs off afresh.
                 publish_count=0,
                 republish_at=None,
-                updated_at=self.now(),
+                updated_at=now,
             )
             .returning(
                 e.attempt,
@@ -265,23 +283,28 @@ class SqlLedger(Sql):
                 e.node_id,
             )
         )
+
+    def start(
+        self, record_id: int, *, kind: str, worker: str, task_id: str | None
+    ) -> Record | StartRefused:
+        """Move a record ``pending|retrying -> running`` if it is of ``kind``."""
+        params = {"p_id": record_id, "p_kind": kind, "p_worker": worker, "p_task_id": task_id}
+        params.update(self.clock_values(skewed=timedelta(seconds=RETRY_CLOCK_SKEW_S)))
         with self.write_tx() as session:
-            row = session.execute(stmt).first()
+            row = session.connection().execute(self._start, params).first()
             if row is None:
                 return _refusal(session, record_id, kind)
-            return record_of(record_id, kind, row, dict(row.definition))
+            record = record_of(record_id, kind, row, dict(row.definition))
+            if self.progress is not None and record.pipeline_run_id is not None:
+                # A pipeline node: its context is read in the transaction that started it.
+                record = self.progress.prepare(session, record)
+            return record
 
     def heartbeat(self, record_id: int, attempt: int) -> Pulse:
         """Record that the attempt's worker is alive, with the database clock."""
-        e = Execution
-        stmt = (
-            update(e)
-            .where(e.id == record_id, e.attempt == attempt, e.status == "running")
-            .values(heartbeat_at=self.now())
-            .returning(e.cancel_requested_at)
-        )
+        params = {"p_id": record_id, "p_attempt": attempt, **self.clock_values()}
         with self.write_tx() as session:
-            row = session.execute(stmt).first()
+            row = session.connection().execute(self._heartbeat, params).first()
         if row is None:
             return Pulse(owned=False)
         return Pulse(owned=True, cancel_requested=row.cancel_requested_at is not None)
@@ -302,7 +325,7 @@ class SqlLedger(Sql):
         the same transaction; the records that became ready are added to ``followups``, to
         publish after commit.
         """
-        finished = {"finished_at": self.now()} if status in FINAL else {}
+        finished = {"finished_at": DB_NOW} if status in FINAL else {}
         with self.write_tx() as session:
             node_of_run = (
                 self.progress.lock_run_of(session, record_id)
@@ -457,7 +480,18 @@ def close_attempt(
     Fenced by attempt and ``from_status``; with ``stale_before`` (the sweeper) also by the
     heartbeat still being older than that, so a heartbeat that landed since means alive.
     """
-    e = Execution
+    e = EX.c
+    if stale_before is None and not any(isinstance(v, ClauseElement) for v in values.values()):
+        return _close_fast(
+            sql,
+            session,
+            record_id=record_id,
+            attempt=attempt,
+            status=status,
+            error=error,
+            values=values,
+            from_status=from_status,
+        )
     fence = [e.id == record_id, e.attempt == attempt, e.status == from_status]
     if stale_before is not None:
         fence.append(e.heartbeat_at < stale_before)
@@ -466,15 +500,86 @@ def close_attempt(
     ).first()
     if row is None:
         return False
-    # The history is for people; the host clock is good enough for its end times.
-    entry = attempt_entry(attempt, status, row.worker, row.started_at, datetime.now(UTC))
-    entry["error"] = error
-    history = [*(row.attempts or []), entry][-MAX_ATTEMPT_HISTORY:]
+    history = _history(row, attempt, status, error)
     session.execute(
-        update(e)
+        update(EX)
         .where(*fence)
         .values(status=status, error=error, attempts=history, updated_at=sql.now(), **values)
     )
+    return True
+
+
+DB_NOW: Any = object()  # a value of close_attempt's ``values``: the database clock
+
+
+def _history(row: Any, attempt: int, status: str, error: str | None) -> list[dict[str, Any]]:
+    # The history is for people; the host clock is good enough for its end times.
+    entry = attempt_entry(attempt, status, row.worker, row.started_at, datetime.now(UTC))
+    entry["error"] = error
+    return [*(row.attempts or []), entry][-MAX_ATTEMPT_HISTORY:]
+
+
+_CLOSE_STATEMENTS: dict[tuple[str, tuple[tuple[str, bool], ...]], tuple[Any, Any]] = {}
+
+
+def _close_statements(sql: Sql, shape: tuple[tuple[str, bool], ...]) -> tuple[Any, Any]:
+    """close_attempt's SELECT ... FOR UPDATE and UPDATE for one shape of ``values`` (their
+    names, and which are the database clock), built once per dialect."""
+    key = (sql.dialect, shape)
+    if key not in _CLOSE_STATEMENTS:
+        e = EX.c
+        fence = (
+            e.id == bindparam("p_id"),
+            e.attempt == bindparam("p_attempt"),
+            e.status == bindparam("p_from"),
+        )
+        select_ = sql.for_update(select(e.attempts, e.started_at, e.worker).where(*fence))
+        extra = {
+            name: sql.clock() if clock else bindparam(f"p_{name}", type_=EX.c[name].type)
+            for name, clock in shape
+        }
+        update_ = (
+            update(EX)
+            .where(*fence)
+            .values(
+                status=bindparam("p_status"),
+                error=bindparam("p_error"),
+                attempts=bindparam("p_attempts", type_=e.attempts.type),
+                updated_at=sql.clock(),
+                **extra,
+            )
+        )
+        _CLOSE_STATEMENTS[key] = (select_, update_)
+    return _CLOSE_STATEMENTS[key]
+
+
+def _close_fast(
+    sql: Sql,
+    session: Session,
+    *,
+    record_id: int,
+    attempt: int,
+    status: str,
+    error: str | None,
+    values: Mapping[str, Any],
+    from_status: str,
+) -> bool:
+    shape = tuple(sorted((name, value is DB_NOW) for name, value in values.items()))
+    select_, update_ = _close_statements(sql, shape)
+    connection = session.connection()
+    fence = {"p_id": record_id, "p_attempt": attempt, "p_from": from_status}
+    row = connection.execute(select_, fence).first()
+    if row is None:
+        return False
+    params = {
+        **fence,
+        **sql.clock_values(),
+        "p_status": status,
+        "p_error": error,
+        "p_attempts": _history(row, attempt, status, error),
+        **{f"p_{name}": value for name, value in values.items() if value is not DB_NOW},
+    }
+    connection.execute(update_, params)
     return True
 
 

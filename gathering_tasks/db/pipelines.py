@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, bindparam, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,12 +23,12 @@ from gathering_tasks.db.ledger import (
     FINAL,
     UNFINISHED,
     Dispatch,
+    Record,
     close_attempt,
     dispatch_for,
     idempotency_key,
 )
 from gathering_tasks.db.models import (
-    Base,
     Execution,
     Pipeline,
     PipelineNodeHealth,
@@ -38,14 +38,92 @@ from gathering_tasks.db.models import (
 from gathering_tasks.db.sql import Sql
 from gathering_tasks.errors import InvalidInput, NotFound
 from gathering_tasks.pipelines.definition import PipelineSpec, parse_pipeline
-from gathering_tasks.pipelines.planner import NodeState, Ready, sink_outputs
+from gathering_tasks.pipelines.planner import (
+    NodeState,
+    Ready,
+    given_input,
+    sink_outputs,
+    split_record_id,
+)
 from gathering_tasks.pipelines.planner import advance as plan_advance
+from gathering_tasks.policy import bounded_result
 
 log = logging.getLogger(__name__)
 
 FAILED = ("failed", "timed_out")
 _SPECS: dict[tuple[str, int, int], PipelineSpec] = {}
 MAX_CACHED_SPECS = 256
+# session.info: the runs this transaction locked (by node record), and those it ended
+_LOCKED = "gathering.locked_runs"
+_ENDED = "gathering.ended_runs"
+
+EX = cast(Table, Execution.__table__)
+RUNS = cast(Table, PipelineRun.__table__)
+PIPES = cast(Table, Pipeline.__table__)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What moving a run on needs of its row (and its pipeline's name)."""
+
+    id: int
+    status: str
+    pipeline_id: int
+    version: int
+    name: str
+    action_run_id: int | None
+
+
+_RUN_INFO = (
+    RUNS.c.id,
+    RUNS.c.status,
+    RUNS.c.pipeline_id,
+    RUNS.c.pipeline_version.label("version"),
+    PIPES.c.name,
+    RUNS.c.action_run_id,
+)
+
+
+def _run_info(row: Any) -> RunInfo:
+    return RunInfo(row.id, row.status, row.pipeline_id, row.version, row.name, row.action_run_id)
+
+
+# Built once: a node record's start and outcome run these.
+_LOCK_RUN_OF = (
+    select(*_RUN_INFO, EX.c.node_id)
+    .select_from(
+        EX.join(RUNS, RUNS.c.id == EX.c.pipeline_run_id).join(
+            PIPES, PIPES.c.id == RUNS.c.pipeline_id
+        )
+    )
+    .where(EX.c.id == bindparam("p_id"))
+)
+_LOCK_RUN_OF_PG = _LOCK_RUN_OF.with_for_update(of=RUNS)
+_TRIGGER_DATA = select(RUNS.c.trigger_data).where(RUNS.c.id == bindparam("p_run"))
+_RECORD_INPUT = (
+    update(EX)
+    .where(EX.c.id == bindparam("p_id"), EX.c.attempt == bindparam("p_attempt"))
+    .values(input=bindparam("p_input", type_=EX.c.input.type))
+)
+_OF_RUN = EX.c.pipeline_run_id == bindparam("p_run")
+_STATES = select(EX.c.node_id, EX.c.status, EX.c.result).where(_OF_RUN)
+_STATES_OF = _STATES.where(EX.c.node_id.in_(bindparam("p_nodes", expanding=True)))
+_STATUSES = select(
+    EX.c.node_id,
+    EX.c.status,
+    case((EX.c.node_id.in_(bindparam("p_nodes", expanding=True)), EX.c.result)).label("result"),
+).where(_OF_RUN)
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """What a node record runs with, read in the transaction that started it: the spec,
+    the states of the records its input is built from (``PipelineSpec.reads``), and the
+    run's input data when the node reads it."""
+
+    spec: PipelineSpec
+    states: dict[str, NodeState]
+    trigger_data: dict[str, Any]
 
 
 @dataclass
@@ -96,17 +174,15 @@ def spec_of(session: Session, pipeline_id: int, version: int) -> PipelineSpec:
     return spec
 
 
-def node_definition(
-    pipeline: Pipeline | Any, version: int, spec: PipelineSpec, ready: Ready
-) -> dict[str, Any]:
+def node_definition(run: RunInfo, spec: PipelineSpec, ready: Ready) -> dict[str, Any]:
     """The snapshot a node record executes: its node, its retry policy, its routing."""
     node = spec.node(ready.node_id)
     retry = node.retry or spec.retry
     return {
-        "name": f"{pipeline.name}.{ready.record_id}",
-        "pipeline": pipeline.name,
-        "pipeline_id": pipeline.id,
-        "version": version,
+        "name": f"{run.name}.{ready.record_id}",
+        "pipeline": run.name,
+        "pipeline_id": run.pipeline_id,
+        "version": run.version,
         "node": {"id": node.id, "type": node.type, "config": node.config},
         "index": ready.index,
         "item": ready.item,
@@ -153,6 +229,9 @@ def _delay_of(definition: dict[str, Any]) -> float:
 
 class PipelineStore(Sql):
     """Pipeline definitions and runs."""
+
+    # A node attempt's recorded input is capped like results (runtime sets the setting).
+    max_input_bytes = 16 * 1024
 
     # -- definitions --------------------------------------------------------------------
 
@@ -255,45 +334,102 @@ class PipelineStore(Sql):
             )
             session.add(run)
             session.flush()
-            dispatches = self._progress(session, run, now)
-            return Started(run.id, run.status, dispatches, run.outputs, run.error)
+            info = RunInfo(
+                run.id, "running", pipeline.id, pipeline.version, pipeline.name, action_run_id
+            )
+            dispatches = self._progress(session, info, now)
+            ended = session.execute(
+                select(RUNS.c.status, RUNS.c.outputs, RUNS.c.error).where(RUNS.c.id == run.id)
+            ).one()
+            return Started(run.id, ended.status, dispatches, ended.outputs, ended.error)
+
+    # -- the ledger's hooks (inside its transactions) -----------------------------------
+
+    def prepare(self, session: Session, record: Record) -> Record:
+        """The ledger's hook in ``start``: the node's context, read in the transaction that
+        started it, and the input it is given (its predecessors' outputs), recorded there."""
+        context = self._context(session, record)
+        if context is None:
+            return record
+        record_id = str(record.node_id)
+        try:
+            given = given_input(context.spec, record_id, context.states)
+        except ValueError:
+            # A map record without its items: the executor fails the node, naming it.
+            return replace(record, context=context)
+        given_input_ = bounded_result(given, self.max_input_bytes) or {}
+        session.connection().execute(
+            _RECORD_INPUT, {"p_id": record.id, "p_attempt": record.attempt, "p_input": given_input_}
+        )
+        return replace(record, context=context)
+
+    def node_context(self, record: Record) -> NodeContext | None:
+        """:meth:`prepare` outside the ledger (a record started without it)."""
+        with self.write_tx() as session:
+            prepared = self.prepare(session, record)
+        context = prepared.context
+        return context if isinstance(context, NodeContext) else None
+
+    def _context(self, session: Session, record: Record) -> NodeContext | None:
+        """Read in the transaction that moved the record to ``running``. The run's status
+        needs no reading: a run that ends cancels its queued nodes in the transaction that
+        ends it (``stop_nodes``), so a node that could start belongs to a running run, and
+        one running when it ends is told to stop."""
+        run_id, record_id = record.pipeline_run_id, record.node_id
+        if run_id is None or record_id is None:
+            return None
+        definition = record.definition
+        spec = spec_of(session, int(definition["pipeline_id"]), int(definition["version"]))
+        node_id, _index = split_record_id(record_id)
+        trigger: dict[str, Any] = {}
+        if spec.reads_trigger(node_id):
+            data = session.connection().execute(_TRIGGER_DATA, {"p_run": run_id}).scalar()
+            trigger = dict(data or {})
+        states = read_states(session, run_id, spec, spec.reads(node_id))
+        return NodeContext(spec, states, trigger)
 
     def lock_run_of(self, session: Session, record_id: int) -> int | None:
-        """The ledger's first hook: lock the run of a node record before its row."""
-        run_id = session.execute(
-            select(Execution.pipeline_run_id).where(Execution.id == record_id)
-        ).scalar_one_or_none()
-        if run_id is not None:
-            session.execute(self.for_update(select(PipelineRun.id).where(PipelineRun.id == run_id)))
-        return run_id
+        """The ledger's first hook: lock the run of a node record before its row (one
+        statement; it locks only the run's row). What :meth:`advance_record` needs of the
+        run is kept with the transaction."""
+        stmt = _LOCK_RUN_OF_PG if self.dialect == "postgresql" else _LOCK_RUN_OF
+        row = session.connection().execute(stmt, {"p_id": record_id}).first()
+        if row is None:
+            return None
+        session.info.setdefault(_LOCKED, {})[record_id] = (_run_info(row), row.node_id)
+        return int(row.id)
 
     def advance_record(self, session: Session, record_id: int) -> list[Dispatch]:
         """The ledger's hook: after a final outcome of ``record_id``, if it is a node of a
-        pipeline run, move that run on (same transaction)."""
-        e = Execution
-        row = session.execute(
-            select(e.pipeline_run_id, e.node_id, e.status, e.definition).where(e.id == record_id)
-        ).first()
-        if row is None or row.pipeline_run_id is None:
+        pipeline run, move that run on (same transaction, after :meth:`lock_run_of`)."""
+        locked = session.info.get(_LOCKED, {}).get(record_id)
+        if locked is None:
+            if self.lock_run_of(session, record_id) is None:
+                return []
+            locked = session.info[_LOCKED][record_id]
+        run, node_id = locked
+        if run.status != "running":
+            return []
+        # A run finished in this transaction is not moved on again.
+        if session.info.get(_ENDED, set()) & {run.id}:
             return []
         now = datetime.now(UTC)
-        _count_health(session, row, now)
-        return self.advance(session, row.pipeline_run_id, now)
+        spec = spec_of(session, run.pipeline_id, run.version)
+        states = node_states(session, run.id, outputs_of=spec.steering)
+        _count_health(session, spec, run, record_id=node_id, states=states, now=now)
+        return self._progress(session, run, now, states)
 
-    def advance(self, session: Session, run_id: int, now: datetime) -> list[Dispatch]:
-        """Inside the transaction that recorded a node's outcome: what comes next."""
-        run = session.execute(
-            self.for_update(select(PipelineRun).where(PipelineRun.id == run_id))
-        ).scalar_one_or_none()
-        if run is None or run.status != "running":
-            return []
-        return self._progress(session, run, now)
-
-    def _progress(self, session: Session, run: PipelineRun, now: datetime) -> list[Dispatch]:
-        pipeline = session.get(Pipeline, run.pipeline_id)
-        assert pipeline is not None
-        spec = spec_of(session, run.pipeline_id, run.pipeline_version)
-        states = node_states(session, run.id)
+    def _progress(
+        self,
+        session: Session,
+        run: RunInfo,
+        now: datetime,
+        states: dict[str, NodeState] | None = None,
+    ) -> list[Dispatch]:
+        spec = spec_of(session, run.pipeline_id, run.version)
+        if states is None:
+            # Deciding needs every record's status, but only the outputs that steer.
+            states = node_states(session, run.id, outputs_of=spec.steering)
         plan = plan_advance(spec, states)
         if plan.final == "failed":
             error = "node(s) failed: " + ", ".join(plan.failed_nodes)
@@ -301,51 +437,60 @@ class PipelineStore(Sql):
             return []
         records: list[dict[str, Any]] = []
         for ready in plan.ready:
-            definition = node_definition(pipeline, run.pipeline_version, spec, ready)
+            definition = node_definition(run, spec, ready)
             records.append(_node_record(run.id, definition, ready, now, status="pending"))
         for node_id in plan.skip:
             ready = Ready(record_id=node_id, node_id=node_id)
-            definition = node_definition(pipeline, run.pipeline_version, spec, ready)
+            definition = node_definition(run, spec, ready)
             records.append(_node_record(run.id, definition, ready, now, status="skipped"))
         inserted = self._insert_records(session, records)
         if plan.skip:
             # A skipped node may make others ready or skipped: look again.
             return [*inserted, *self._progress(session, run, now)]
         if plan.final == "succeeded":
-            outputs = sink_outputs(spec, states)
+            outputs = sink_outputs(spec, node_states(session, run.id))
             self._finalize(session, run, "succeeded", now=now, outputs=outputs, error=None)
         return inserted
 
     def _insert_records(self, session: Session, records: list[dict[str, Any]]) -> list[Dispatch]:
         if not records:
             return []
-        table = Base.metadata.tables[Execution.__tablename__]
         stmt = (
-            self.insert(table)
-            .on_conflict_do_nothing(index_elements=[table.c.dedupe_key])
-            .returning(table.c.id, table.c.status, table.c.definition, table.c.retry_at)
+            self.insert(EX)
+            .on_conflict_do_nothing(index_elements=[EX.c.dedupe_key])
+            .returning(EX.c.id, EX.c.dedupe_key)
         )
-        rows = session.connection().execute(stmt, records).all()
+        made = {row.dedupe_key: row.id for row in session.connection().execute(stmt, records)}
         return [
-            _with_countdown(dispatch_for(row.id, "pipeline_node", row.definition), row)
-            for row in rows
-            if row.status == "pending"
+            _dispatch_of(made[record["dedupe_key"]], record)
+            for record in records
+            if record["status"] == "pending" and record["dedupe_key"] in made
         ]
 
     def _finalize(
         self,
         session: Session,
-        run: PipelineRun,
+        run: RunInfo,
         status: str,
         *,
         now: datetime,
         outputs: dict[str, Any] | None,
         error: str | None,
+        cancel: bool = False,
     ) -> None:
-        run.status, run.outputs, run.error = status, outputs, error
-        run.finished_at = run.updated_at = now
+        values: dict[str, Any] = {
+            "status": status,
+            "outputs": outputs,
+            "error": error,
+            "finished_at": now,
+            "updated_at": now,
+        }
+        if cancel:
+            values["cancel_requested_at"] = now
+        session.execute(update(RUNS).where(RUNS.c.id == run.id).values(**values))
+        session.info.setdefault(_ENDED, set()).add(run.id)
         stop_nodes(self, session, run.id, reason=f"pipeline run {status}")
-        finish_starter(self, session, run)
+        finish_starter(self, session, run, status, outputs=outputs, error=error)
         log.info(
             "pipeline run %d %s",
             run.id,
@@ -355,17 +500,23 @@ class PipelineStore(Sql):
 
     def cancel_run(self, run_id: int, *, now: datetime, status: str = "cancelled") -> str:
         """Cancel (or time out) a run: queued nodes end, running ones are told to stop."""
+        stmt = (
+            select(*_RUN_INFO)
+            .select_from(RUNS.join(PIPES, PIPES.c.id == RUNS.c.pipeline_id))
+            .where(RUNS.c.id == run_id)
+        )
+        if self.dialect == "postgresql":
+            stmt = stmt.with_for_update(of=RUNS)
         with self.write_tx() as session:
-            run = session.execute(
-                self.for_update(select(PipelineRun).where(PipelineRun.id == run_id))
-            ).scalar_one_or_none()
-            if run is None:
+            row = session.execute(stmt).first()
+            if row is None:
                 raise NotFound(f"no pipeline run {run_id}")
-            if run.status != "running":
-                return run.status
-            run.cancel_requested_at = now
+            if row.status != "running":
+                return str(row.status)
             error = "cancelled" if status == "cancelled" else "the run exceeded its timeout"
-            self._finalize(session, run, status, now=now, outputs=None, error=error)
+            self._finalize(
+                session, _run_info(row), status, now=now, outputs=None, error=error, cancel=True
+            )
             return status
 
     def overdue_runs(self, now: datetime, *, limit: int) -> list[int]:
@@ -405,27 +556,6 @@ class PipelineStore(Sql):
                 stmt = stmt.where(r.pipeline_id == _pipeline(session, name).id)
             return [run_to_dict(row) for row in session.scalars(stmt)]
 
-    def run_context(
-        self, run_id: int
-    ) -> tuple[PipelineSpec, dict[str, NodeState], dict[str, Any], str]:
-        """What a node needs to run: the spec, the states of the run's nodes, its input, status."""
-        with self.factory() as session:
-            run = session.get(PipelineRun, run_id)
-            if run is None:
-                raise NotFound(f"no pipeline run {run_id}")
-            spec = spec_of(session, run.pipeline_id, run.pipeline_version)
-            return spec, node_states(session, run_id), dict(run.trigger_data or {}), run.status
-
-    def record_input(self, record_id: int, attempt: int, value: dict[str, Any]) -> None:
-        """Keep what a node attempt was given (its predecessors' outputs), for the history."""
-        e = Execution
-        with self.write_tx() as session:
-            session.execute(
-                update(e)
-                .where(e.id == record_id, e.attempt == attempt, e.status == "running")
-                .values(input=value)
-            )
-
     # -- the circuit breaker ------------------------------------------------------------
 
     def circuit_open_until(self, pipeline_id: int, node_id: str, now: datetime) -> datetime | None:
@@ -439,19 +569,53 @@ class PipelineStore(Sql):
         return until if until is not None and until > now else None
 
 
-def _with_countdown(dispatch: Dispatch, row: Any) -> Dispatch:
-    if row.retry_at is None:
+def _dispatch_of(record_id: int, record: dict[str, Any]) -> Dispatch:
+    dispatch = dispatch_for(record_id, "pipeline_node", record["definition"])
+    if record["retry_at"] is None:
         return dispatch
-    delay_s = _delay_of(row.definition)
-    return replace(dispatch, countdown_s=delay_s)
+    return replace(dispatch, countdown_s=_delay_of(record["definition"]))
 
 
-def node_states(session: Session, run_id: int) -> dict[str, NodeState]:
-    e = Execution
-    rows = session.execute(
-        select(e.node_id, e.status, e.result).where(e.pipeline_run_id == run_id)
-    ).all()
+def _states_of(rows: Any) -> dict[str, NodeState]:
     return {row.node_id: NodeState(row.status, row.result) for row in rows if row.node_id}
+
+
+def node_states(
+    session: Session, run_id: int, *, outputs_of: frozenset[str] | None = None
+) -> dict[str, NodeState]:
+    """The state of every record of a run; with ``outputs_of``, only those records carry
+    their output."""
+    if outputs_of is None:
+        rows = session.connection().execute(_STATES, {"p_run": run_id})
+    else:
+        params = {"p_run": run_id, "p_nodes": sorted(outputs_of)}
+        rows = session.connection().execute(_STATUSES, params)
+    return _states_of(rows)
+
+
+def read_states(
+    session: Session, run_id: int, spec: PipelineSpec, node_ids: frozenset[str]
+) -> dict[str, NodeState]:
+    """The states (with outputs) of the records of ``node_ids``, maps with their children."""
+    if not node_ids:
+        return {}
+    names = sorted(node_ids)
+    maps = [n for n in names if spec.node(n).type == "map"]
+    if not maps:
+        params = {"p_run": run_id, "p_nodes": names}
+        return _states_of(session.connection().execute(_STATES_OF, params))
+    rows = session.execute(
+        select(EX.c.node_id, EX.c.status, EX.c.result).where(
+            EX.c.pipeline_run_id == run_id,
+            # LIKE's ``_`` matches any character: what is not exactly a child is dropped.
+            or_(EX.c.node_id.in_(names), *(EX.c.node_id.like(f"{n}[%") for n in maps)),
+        )
+    )
+    return {
+        node_id: state
+        for node_id, state in _states_of(rows).items()
+        if split_record_id(node_id)[0] in node_ids
+    }
 
 
 def _node_rows(session: Session, run_id: int) -> list[dict[str, Any]]:
@@ -509,12 +673,21 @@ def stop_nodes(sql: Sql, session: Session, run_id: int, *, reason: str) -> None:
     )
 
 
-def finish_starter(sql: Sql, session: Session, run: PipelineRun) -> None:
+def finish_starter(
+    sql: Sql,
+    session: Session,
+    run: RunInfo,
+    status: str,
+    *,
+    outputs: dict[str, Any] | None,
+    error: str | None,
+) -> None:
     """The execute_pipeline record that started the run ends as the run ended."""
     if run.action_run_id is None:
         return
-    e = Execution
-    row = session.execute(select(e.attempt, e.status).where(e.id == run.action_run_id)).first()
+    row = session.execute(
+        select(EX.c.attempt, EX.c.status).where(EX.c.id == run.action_run_id)
+    ).first()
     if row is None or row.status in FINAL:
         return
     close_attempt(
@@ -522,34 +695,44 @@ def finish_starter(sql: Sql, session: Session, run: PipelineRun) -> None:
         session,
         run.action_run_id,
         row.attempt,
-        status=run.status,
-        error=run.error,
+        status=status,
+        error=error,
         values={
             "finished_at": sql.now(),
-            "result": {"pipeline_run_id": run.id, "outputs": run.outputs},
+            "result": {"pipeline_run_id": run.id, "outputs": outputs},
         },
         from_status=row.status,
     )
 
 
-def _count_health(session: Session, row: Any, now: datetime) -> None:
+def _count_health(
+    session: Session,
+    spec: PipelineSpec,
+    run: RunInfo,
+    *,
+    record_id: str,
+    states: dict[str, NodeState],
+    now: datetime,
+) -> None:
     """Count consecutive failures of one node across runs; open its circuit at the threshold.
 
     A node opts in with ``config.circuit = {"failures": N, "cooldown_s": S}``.
     """
-    node = row.definition.get("node") or {}
-    circuit = (node.get("config") or {}).get("circuit") or {}
+    spec_node_id, _index = split_record_id(record_id)
+    circuit = spec.node(spec_node_id).config.get("circuit") or {}
     threshold = int(circuit.get("failures", 0))
-    if not threshold or row.status not in (*FAILED, "succeeded"):
+    state = states.get(record_id)
+    if not threshold or state is None or state.status not in (*FAILED, "succeeded"):
         return
-    spec_node_id = node.get("id", row.node_id)
-    failed = row.status in FAILED
+    failed = state.status in FAILED
     h = PipelineNodeHealth
-    pipeline_id = int(row.definition["pipeline_id"])
-    health = session.get(h, (pipeline_id, spec_node_id))
+    health = session.get(h, (run.pipeline_id, spec_node_id))
     if health is None:
         health = h(
-            pipeline_id=pipeline_id, node_id=spec_node_id, consecutive_failures=0, updated_at=now
+            pipeline_id=run.pipeline_id,
+            node_id=spec_node_id,
+            consecutive_failures=0,
+            updated_at=now,
         )
         session.add(health)
     health.consecutive_failures = health.consecutive_failures + 1 if failed else 0

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, func, literal, select, type_coerce
+from sqlalchemy import ColumnElement, bindparam, func, literal, select, type_coerce
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.selectable import GenerativeSelect
@@ -66,6 +66,21 @@ class Sql:
             return type_coerce(value, UtcDateTime)
         moment = datetime.now(UTC) + (plus or timedelta(0))
         return literal(moment, UtcDateTime)
+
+    def clock(self, name: str = "now", plus: timedelta | None = None) -> ColumnElement[datetime]:
+        """:meth:`now` in a statement built once and executed many times: PostgreSQL's
+        ``now()``; on SQLite the bind parameter ``name``, which :meth:`clock_values` fills
+        (``plus`` then goes with the value: pass the same to both)."""
+        if self.dialect == "postgresql":
+            return self.now(plus)
+        return bindparam(name, type_=UtcDateTime)
+
+    def clock_values(self, **offsets: timedelta) -> dict[str, datetime]:
+        """The parameters of :meth:`clock`: ``now``, and one per named offset."""
+        if self.dialect == "postgresql":
+            return {}
+        moment = datetime.now(UTC)
+        return {"now": moment, **{name: moment + plus for name, plus in offsets.items()}}
 
     def read_now(self) -> datetime:
         """The database clock's current time (one round trip on PostgreSQL)."""

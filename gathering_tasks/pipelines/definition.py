@@ -103,6 +103,7 @@ class _Index:
     out: dict[str, tuple[EdgeSpec, ...]]
     order: tuple[str, ...]
     ancestors: dict[str, frozenset[str]]  # filled on demand
+    reads: dict[str, tuple[frozenset[str], bool]]  # filled on demand
 
 
 def _topological(ids: Sequence[str], out: Mapping[str, tuple[EdgeSpec, ...]]) -> tuple[str, ...]:
@@ -149,6 +150,7 @@ class PipelineSpec:
             out=frozen_out,
             order=_topological(ids, frozen_out),
             ancestors={},
+            reads={},
         )
 
     def node(self, node_id: str) -> NodeSpec:
@@ -180,6 +182,42 @@ class PipelineSpec:
         cache = self._index.ancestors
         if node_id not in cache:
             cache[node_id] = frozenset(_upstream(node_id, self.predecessors))
+        return cache[node_id]
+
+    def reads(self, node_id: str) -> frozenset[str]:
+        """The nodes whose records the input document of ``node_id`` is built from.
+
+        Its predecessors (``inputs``), the nodes its templates name (``nodes.<id>``), every
+        ancestor for a condition (a JMESPath expression may read any of them), and the node
+        itself for a map (its children read their item from its record). A record's input
+        needs no other state, so a worker reads only these.
+        """
+        return self._reads(node_id)[0]
+
+    def reads_trigger(self, node_id: str) -> bool:
+        """Does the input document of ``node_id`` need the run's input data (``trigger``)?"""
+        return self._reads(node_id)[1]
+
+    @cached_property
+    def steering(self) -> frozenset[str]:
+        """The nodes whose outputs decide what runs next: conditions (the branch taken) and
+        maps (the items they fan out over)."""
+        return frozenset(node.id for node in self.nodes if node.type in ("condition", "map"))
+
+    def _reads(self, node_id: str) -> tuple[frozenset[str], bool]:
+        cache = self._index.reads
+        if node_id not in cache:
+            node = self.node(node_id)
+            refs = templates.references(node.config)
+            named = {str(r.path[1]) for r in refs if len(r.path) > 1 and r.path[0] == "nodes"}
+            if node.type == "condition":
+                named = set(self.ancestors(node_id))
+            elif node.type == "map":
+                named.add(node_id)
+            trigger = node.type in ("trigger", "condition") or any(
+                r.path[0] == "trigger" for r in refs
+            )
+            cache[node_id] = (frozenset({*self.predecessors(node_id), *named}), trigger)
         return cache[node_id]
 
     def retry_for(self, node_id: str) -> RetrySpec:

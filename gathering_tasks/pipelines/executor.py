@@ -23,14 +23,13 @@ from typing import Any
 
 from gathering_tasks.clock import utcnow
 from gathering_tasks.db.ledger import Record
-from gathering_tasks.db.pipelines import PipelineStore
-from gathering_tasks.errors import ExecutionAborted, InvalidInput, PermanentFailure
+from gathering_tasks.db.pipelines import NodeContext, PipelineStore
+from gathering_tasks.errors import InvalidInput, PermanentFailure
 from gathering_tasks.guard import Detached
 from gathering_tasks.pipelines import evaluate
 from gathering_tasks.pipelines.definition import NodeSpec, PipelineSpec
 from gathering_tasks.pipelines.planner import node_input, split_record_id
 from gathering_tasks.pipelines.templates import TemplateError
-from gathering_tasks.policy import bounded_result
 
 Skill = Callable[[Record, threading.Event], Mapping[str, Any] | None]
 
@@ -63,15 +62,22 @@ def execute_node(
     *,
     skills: Mapping[str, Skill],
     task_allowed: Callable[[str], bool],
-    max_input_bytes: int = 16 * 1024,
 ) -> Mapping[str, Any] | None:
-    """Run one node (or one map item) of a pipeline run."""
+    """Run one node (or one map item) of a pipeline run.
+
+    Its context (the spec, the states its input is built from, the run's data) comes with
+    the record, read when the ledger started it; the input it is given is already recorded
+    there. A run that ends while the node works has it told to stop (the guard aborts it).
+    """
     definition = record.definition
-    spec, states, trigger_data, status = store.run_context(_run_id(record))
-    if status != "running":
-        raise ExecutionAborted(f"pipeline run {record.pipeline_run_id} is {status}")
+    context = record.context if isinstance(record.context, NodeContext) else None
+    if context is None:
+        context = store.node_context(record)
+    if context is None:
+        raise PermanentFailure(f"record {record.id} is not a node of a pipeline run")
     record_id = record_node_id(record)
-    node_id, index = split_record_id(record_id)
+    node_id, _index = split_record_id(record_id)
+    spec = context.spec
     node = spec.node(node_id)
     # Only a node with a circuit breaker pays for reading its health.
     circuit = (definition["node"].get("config") or {}).get("circuit")
@@ -85,9 +91,7 @@ def execute_node(
             f"node {node_id!r}: circuit open after repeated failures, until "
             f"{open_until.isoformat()}"
         )
-    document = node_input(spec, record_id, states, trigger_data)
-    given = {"inputs": document.get("inputs", {}), "index": index}
-    store.record_input(record.id, record.attempt, bounded_result(given, max_input_bytes) or {})
+    document = node_input(spec, record_id, context.states, context.trigger_data)
     step = _Step(spec, node, record, record_id, document)
     try:
         return _compute(step, skills, task_allowed)
@@ -136,9 +140,3 @@ def _compute(
 def record_node_id(record: Record) -> str:
     """The node record's id within its run: the node's id, or ``map[3]`` for a map item."""
     return str(record.node_id or record.definition["node"]["id"])
-
-
-def _run_id(record: Record) -> int:
-    if record.pipeline_run_id is None:
-        raise PermanentFailure(f"record {record.id} is not a node of a pipeline run")
-    return record.pipeline_run_id

@@ -265,6 +265,20 @@ def node_input(
     return document
 
 
+def given_input(
+    spec: PipelineSpec, record_id: str, states: Mapping[str, NodeState]
+) -> dict[str, Any]:
+    """What a record attempt is given, for its history: its direct predecessors' outputs
+    (those that succeeded) and, for a map child, its index."""
+    node_id, index = split_record_id(record_id)
+    inputs = {}
+    for pred in spec.predecessors(node_id):
+        view = _view(spec, pred, states)
+        if view.status == "succeeded":
+            inputs[pred] = view.output
+    return {"inputs": inputs, "index": index}
+
+
 def sink_outputs(spec: PipelineSpec, states: Mapping[str, NodeState]) -> dict[str, Any]:
     """The run's outputs: those of the nodes without successors that succeeded."""
     sinks = (node.id for node in spec.nodes if not spec.successors(node.id))

@@ -402,3 +402,52 @@ def test_a_stalled_database_does_not_let_a_live_run_lose_its_lease(
     assert outcome == "succeeded"
     record = direct.ledger.get(run_id)
     assert (record["status"], record["attempt"]) == ("succeeded", 1)
+
+
+def test_records_running_at_once_in_one_process_each_keep_their_own_lease_and_heartbeat(
+    repo: Repository, settings: Settings
+):
+    # Given two runs executing at the same time in one process (its keeper threads serve both)
+    now = datetime.now(UTC)
+    first, second = (claimed_run(repo, settings, now, name=n) for n in ("first", "second"))
+    guard = make_guard(repo, settings, heartbeat_interval_s=0.05)
+    client = redis.Redis.from_url(settings.redis_url)
+    started = threading.Barrier(2)
+    aborted: dict[int, bool] = {}
+    outcomes: dict[int, str] = {}
+
+    def beats_of(record_id: int) -> datetime:
+        return datetime.fromisoformat(repo.ledger.get(record_id)["heartbeat_at"])
+
+    def work(record: Record, abort: Abort) -> dict[str, int]:
+        started.wait(10)
+        if record.id == first:
+            # When the first is taken over by another attempt
+            later = datetime.now(UTC) + timedelta(seconds=60)
+            assert repo.sweeps.requeue_lost(record.id, 1, error="x", stale_before=later)
+            abort.wait(timeout=30)  # (the abort interrupts the work here)
+            return {"ok": 1}
+        # Then the second's heartbeat and lease go on, beat after beat, past the first's end
+        wait_for(lambda: first in outcomes, 10, "the first run to be aborted")
+        seen = beats_of(record.id)
+        for _ in range(3):
+            wait_for(lambda s=seen: beats_of(record.id) > s, 10, "a heartbeat")
+            seen = beats_of(record.id)
+        assert client.pttl(lease_key(settings, record.id)) > 0
+        aborted[record.id] = abort.is_set()
+        return {"ok": 1}
+
+    def deliver(record_id: int) -> None:
+        outcomes[record_id] = guard.execute(
+            record_id, "run_task", work, worker=f"w{record_id}", task_id=str(record_id)
+        )
+
+    threads = [threading.Thread(target=deliver, args=(r,)) for r in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    # And only the first was aborted: the second succeeded under its own lease
+    assert aborted == {second: False}
+    assert outcomes == {first: "superseded", second: "succeeded"}
+    assert repo.ledger.get(second)["status"] == "succeeded"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from gathering_tasks.db.ledger import Dispatch, Record
+from gathering_tasks.db.ledger import Dispatch, Pulse, Record
 from gathering_tasks.db.memory import MemoryLedger
 from gathering_tasks.errors import ExecutionAborted
 from gathering_tasks.guard import ExecutionGuard, Executor, GuardConfig, Outcome
@@ -418,3 +418,51 @@ def test_cancelled_run_requeued_by_the_sweeper_is_not_executed_again(world: Worl
     # Then the cancelled work is not started again
     assert calls == []
     assert outcome == "dropped"
+
+
+class HeldHeartbeat(JournaledLedger):
+    """Once armed, a heartbeat is held (a call stuck in a stalled database) until the
+    outcome has been written, and only then reaches the ledger."""
+
+    def __init__(self, ledger: MemoryLedger, journal: Journal) -> None:
+        super().__init__(ledger, journal)
+        self.armed, self.held, self.written = (threading.Event() for _ in range(3))
+
+    def heartbeat(self, record_id: int, attempt: int) -> Pulse:
+        if self.armed.is_set():
+            self.held.set()
+            self.written.wait(10)
+        return super().heartbeat(record_id, attempt)
+
+    def finish(self, record_id: int, attempt: int, **kwargs: Any) -> bool:
+        written = super().finish(record_id, attempt, **kwargs)
+        self.written.set()
+        return written
+
+
+def test_a_heartbeat_that_lands_after_the_outcome_does_not_call_the_run_taken_over(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a worker whose heartbeat call is stuck when the work ends, and returns only
+    # after the outcome was written (so it finds the attempt no longer running)
+    ledger = HeldHeartbeat(world.ledger, world.journal)
+    config = GuardConfig(lease_ttl_s=1.0, heartbeat_interval_s=0.01, max_result_bytes=4096)
+    guard = ExecutionGuard(
+        ledger, world.leases.lease_for, config, publish_retry=lambda _d, _s: None
+    )
+    record_id = world.add()
+
+    def executor(_record: Record, _abort: threading.Event) -> dict[str, Any]:
+        ledger.armed.set()
+        spin_until(ledger.held.is_set)
+        return {"ok": 1}
+
+    # When the run ends
+    with caplog.at_level("DEBUG", logger="gathering_tasks.guard"):
+        outcome = guard.execute(record_id, KIND, executor, worker="w1", task_id="t")
+
+    # Then it succeeded, and nothing says it was taken over or aborted
+    assert outcome == "succeeded"
+    assert world.ledger.get(record_id)["status"] == "succeeded"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert not [w for w in warnings if "taken over" in w or "aborting" in w], warnings
