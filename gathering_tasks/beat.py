@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -226,6 +228,7 @@ class DatabaseScheduler(Scheduler):  # type: ignore[misc]
             runtime.redis_client(),
             keys.beat_leader(settings.key_prefix),
             settings.leader_lease_ttl_s,
+            owner=f"{socket.gethostname()}:{os.getpid()}",
         )
         client = runtime.redis_client()
 

@@ -688,7 +688,8 @@ def _status(ping_timeout_s: float) -> Status:
 
 def _print_status(snapshot: Status) -> None:
     lead = snapshot.leader
-    held = f"held (expires in {lead['expires_in_s']}s)" if lead["held"] else "none"
+    by = f" by {lead['holder']}" if lead.get("holder") else ""
+    held = f"held{by} (expires in {lead['expires_in_s']}s)" if lead["held"] else "none"
     typer.echo(f"beat leader: {held}")
     typer.echo(f"workers: {len(snapshot.workers)}" + "".join(f"\n  {w}" for w in snapshot.workers))
     typer.echo("queues:")

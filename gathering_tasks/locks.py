@@ -17,13 +17,25 @@ from redis.exceptions import LockError, RedisError
 log = logging.getLogger(__name__)
 
 
+def holder(token: str | bytes | None) -> str | None:
+    """The owner named in a lease's token (see ``Lease(owner=...)``), if any."""
+    if isinstance(token, bytes):
+        token = token.decode(errors="replace")
+    if not token or " " not in token:
+        return None
+    return token.rsplit(" ", 1)[0]
+
+
 class Lease:
     """A token-checked lease on ``name`` that lives ``ttl_s`` unless extended."""
 
-    def __init__(self, client: redis.Redis, name: str, ttl_s: float) -> None:
+    def __init__(
+        self, client: redis.Redis, name: str, ttl_s: float, *, owner: str | None = None
+    ) -> None:
         self.name = name
         self.ttl_s = ttl_s
-        self.token = uuid.uuid4().hex
+        # ``owner`` (e.g. host:pid) goes first in the token, so who holds it can be read back.
+        self.token = f"{owner} {uuid.uuid4().hex}" if owner else uuid.uuid4().hex
         self._lock = client.lock(name, timeout=ttl_s, blocking=False, thread_local=False)
 
     def acquire(self) -> bool:

@@ -11,6 +11,7 @@ import redis
 from redis.exceptions import RedisError
 
 from gathering_tasks import keys
+from gathering_tasks.locks import holder
 
 # kombu's Redis transport keeps a queue's messages of priority p > 0 in "<queue>\x06\x16<p>".
 PRIORITY_SEPARATOR = "\x06\x16"
@@ -22,7 +23,7 @@ WINDOW = timedelta(hours=1)
 class Status:
     """A snapshot of the fleet, as JSON-friendly values (``--json`` prints :meth:`as_dict`)."""
 
-    leader: dict[str, Any]  # {"held": bool, "expires_in_s": float | None}
+    leader: dict[str, Any]  # {"held": bool, "expires_in_s": float | None, "holder": str | None}
     workers: list[str]  # names that answered a ping
     queues: dict[str, int | None]  # messages waiting (None: not a Redis broker)
     runs_last_hour: dict[str, int]
@@ -32,11 +33,15 @@ class Status:
 
 
 def leader(client: redis.Redis, prefix: str) -> dict[str, Any]:
-    """Is the beat leader lease held, and for how much longer?"""
-    ttl_ms = int(client.pttl(keys.beat_leader(prefix)))  # -2: no key, -1: no expiry
-    if ttl_ms == -2:
-        return {"held": False, "expires_in_s": None}
-    return {"held": True, "expires_in_s": round(ttl_ms / 1000, 1) if ttl_ms >= 0 else None}
+    """Is the beat leader lease held, by which beat (host:pid), and for how much longer?"""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.pttl(keys.beat_leader(prefix))  # -2: no key, -1: no expiry
+        pipe.get(keys.beat_leader(prefix))
+        ttl_ms, token = pipe.execute()
+    if int(ttl_ms) == -2:
+        return {"held": False, "expires_in_s": None, "holder": None}
+    expires = round(int(ttl_ms) / 1000, 1) if int(ttl_ms) >= 0 else None
+    return {"held": True, "expires_in_s": expires, "holder": holder(token)}
 
 
 def queue_depth(client: redis.Redis, queue: str) -> int:

@@ -8,6 +8,7 @@ leave their marks in Redis, never in the database.
 
 from __future__ import annotations
 
+import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ from gathering_tasks.keys import run_lock
 from gathering_tasks.kinds import kind
 from gathering_tasks.publish import message_options, publish
 from gathering_tasks.settings import Settings
+from gathering_tasks.status import leader
 from tests.acceptance.handlers_for_tests import calls_key, mark, progress_key
 from tests.acceptance.procs import CeleryProcess, Stack, running_stack, stack_env
 from tests.proxy import TcpProxy
@@ -201,6 +203,10 @@ def test_a_worker_cut_off_from_the_database_keeps_its_run(
         beat = stack.beat("b1")
         ready(w1)
         leading(beat)
+        # (`status` names the leader: this beat's host and pid)
+        assert beat.proc is not None
+        named = leader(client, "gathering")["holder"]
+        assert named == f"{socket.gethostname()}:{beat.proc.pid}"
         # (a second attempt is allowed, so a wrong recovery would requeue the run for w2)
         svc.create(steps_action("stalled", 60, retry_max_attempts=2))
         quiet.create(steps_action("canary", 1))

@@ -11,6 +11,7 @@ import redis
 
 from gathering_tasks import __version__
 from gathering_tasks.db.repo import Repository
+from gathering_tasks.locks import Lease
 from gathering_tasks.settings import Settings
 from tests.cli_runner import cli
 from tests.factories import make_guard
@@ -158,15 +159,19 @@ def test_status_reports_leader_workers_queues_and_recent_runs(
     assert cli(cli_env, "actions", "trigger", "hello").returncode == 0
     report = json.loads(cli(cli_env, "status", "--json", "--ping-timeout", "0.3").stdout)
     assert report == {
-        "leader": {"held": False, "expires_in_s": None},
+        "leader": {"held": False, "expires_in_s": None, "holder": None},
         "workers": [],
         "queues": {"celery": 0, "gathering": 1},
         "runs_last_hour": {"pending": 1},
     }
-    # When a beat holds the leader lease
-    redis.Redis.from_url(redis_url).set("gathering:beat:leader", "token", px=8000)
+    # When a beat holds the leader lease (a beat names itself, host:pid, in its token)
+    lease = Lease(redis.Redis.from_url(redis_url), "gathering:beat:leader", 8, owner="beat-host:42")
+    assert lease.acquire()
     text = cli(cli_env, "status", "--ping-timeout", "0.3").stdout
-    assert "beat leader: held (expires in" in text and "gathering" in text and "pending" in text
+    assert "beat leader: held by beat-host:42 (expires in" in text
+    assert "gathering" in text and "pending" in text
+    shown = json.loads(cli(cli_env, "status", "--json", "--ping-timeout", "0.3").stdout)
+    assert shown["leader"]["held"] and shown["leader"]["holder"] == "beat-host:42"
 
 
 def test_errors_are_one_line_and_tracebacks_need_debug(cli_env: dict[str, str]):
