@@ -531,7 +531,7 @@ def round_trips(engine: Engine) -> Iterator[Counter[str]]:
         (engine, "before_cursor_execute", "statements"),
         (engine, "commit", "commits"),
         (engine, "rollback", "rollbacks"),
-        (engine.pool, "checkout", "pre-ping checkouts"),
+        (engine.pool, "checkout", "pool checkouts (pinged only after 1 s idle)"),
     ]
 
     def counter(name: str) -> Callable[..., None]:
