@@ -55,7 +55,7 @@ from celery import Celery, chain, chord
 from sqlalchemy import Engine, event, text
 
 from bench import canvas_app
-from bench.beat import machine_info, stop_on_sigterm
+from bench.common import machine_info, stop_on_sigterm
 from gathering_tasks import guard as guard_module
 from gathering_tasks import keys
 from gathering_tasks.api import PipelineService
