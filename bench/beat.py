@@ -1,12 +1,12 @@
 """The beat section of the benchmark: our beat next to every peer, at N scheduled entries.
 
-``bench/run.py`` calls :func:`measure_beat`; ``python bench/beat.py [--quick]`` is
-``bench/run.py --only beat``. For each N and each scheduler the entries are written to that
-scheduler's own store (ours: a fresh migrated PostgreSQL database, COPY, VACUUM ANALYZE;
-RedBeat: a Redis database; sqlalchemy-celery-beat and django-celery-beat: a fresh PostgreSQL
-database with their own tables; PersistentScheduler: ``beat_schedule`` in the process), then a
-fresh subprocess measures it (``bench/beat_child.py`` says what, in which order). A peer whose
-package is missing is skipped and says so. See bench/README.md for what each number means.
+``bench/run.py`` calls :func:`measure_beat` (``bench/run.py --only beat`` runs it alone).
+For each N and each scheduler the entries are written to that scheduler's own store (ours: a
+fresh migrated PostgreSQL database, COPY, VACUUM ANALYZE; RedBeat: a Redis database;
+sqlalchemy-celery-beat and django-celery-beat: a fresh PostgreSQL database with their own
+tables; PersistentScheduler: ``beat_schedule`` in the process), then a fresh subprocess
+measures it (``bench/beat_child.py`` says what, in which order). A peer whose package is
+missing is skipped and says so. See bench/README.md for what each number means.
 """
 
 from __future__ import annotations
@@ -16,15 +16,11 @@ import importlib.util
 import io
 import itertools
 import json
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
-
-# Run as a script, the repo root (gathering_tasks, tests, bench) is not on sys.path yet.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ChildTimeout, Log, Servers, flush, run_child
 from bench.dataset import COLUMNS, action_rows
@@ -91,10 +87,13 @@ def missing(scheduler: Scheduler) -> str | None:
 # -- our data ----------------------------------------------------------------------------------
 
 
-def load_actions(pg: PostgresServer, dbname: str, n: int) -> float:
-    """COPY N actions into a migrated database, then VACUUM ANALYZE. Returns seconds taken."""
+def load_actions(
+    pg: PostgresServer, dbname: str, n: int, rows: Iterator[tuple[object, ...]] | None = None
+) -> float:
+    """COPY N actions (default: ``action_rows``) into a migrated database, then VACUUM
+    ANALYZE. Returns seconds taken."""
     started = time.perf_counter()
-    rows = action_rows(n, datetime.now(UTC))
+    rows = rows if rows is not None else action_rows(n, datetime.now(UTC))
     copy = f"COPY scheduled_actions ({', '.join(COLUMNS)}) FROM STDIN WITH (FORMAT csv)"
     engine = make_engine(pg.dsn(dbname))
     try:
@@ -128,10 +127,23 @@ def peer_config(servers: Servers) -> str:
 
 def _child_args(n: int, opts: BeatOptions, config: str, url: str) -> list[str]:
     return [
-        "--n", str(n), "--dues", ",".join(map(str, opts.dues)), "--ticks", str(opts.ticks),
-        "--idle-budget", str(opts.idle_budget_s), "--reps", str(opts.reps),
-        "--cap", str(opts.cap_s), "--config", config, "--url", url,
-    ]  # fmt: skip
+        "--n",
+        str(n),
+        "--dues",
+        ",".join(map(str, opts.dues)),
+        "--ticks",
+        str(opts.ticks),
+        "--idle-budget",
+        str(opts.idle_budget_s),
+        "--reps",
+        str(opts.reps),
+        "--cap",
+        str(opts.cap_s),
+        "--config",
+        config,
+        "--url",
+        url,
+    ]
 
 
 def measure_one(
@@ -147,23 +159,30 @@ def measure_one(
         if scheduler.store == "ours" and dbname:
             upgrade(pg.dsn(dbname))
             load_s = load_actions(pg, dbname, n)
-            env = {"GATHERING_DATABASE_URL": pg.dsn(dbname), "GATHERING_REDIS_URL": servers.redis.url}
+            env = {
+                "GATHERING_DATABASE_URL": pg.dsn(dbname),
+                "GATHERING_REDIS_URL": servers.redis.url,
+            }
         else:
             url = servers.redis_url(REDBEAT_DB) if scheduler.store == "redis" else ""
             url = pg.dsn(dbname) if dbname else url
             load_s = 0.0
             if scheduler.store != "memory":
                 loaded = run_child(
-                    scheduler.module, *_child_args(n, opts, config, url), "--load",
+                    scheduler.module,
+                    *_child_args(n, opts, config, url),
+                    "--load",
                     timeout_s=opts.child_timeout_s,
-                )  # fmt: skip
+                )
                 load_s = loaded["load_s"]
         log(f"beat N={n:,} {scheduler.name}: loaded in {load_s:.1f} s; measuring")
         started = time.monotonic()
         result = run_child(
-            scheduler.module, *_child_args(n, opts, config, url),
-            env=env, timeout_s=opts.child_timeout_s,
-        )  # fmt: skip
+            scheduler.module,
+            *_child_args(n, opts, config, url),
+            env=env,
+            timeout_s=opts.child_timeout_s,
+        )
         result["load_s"], result["wall_s"] = load_s, time.monotonic() - started
         return result
     except ChildTimeout as exc:
@@ -186,13 +205,3 @@ def measure_beat(servers: Servers, opts: BeatOptions, log: Log) -> dict[str, Any
         if scheduler.name not in skipped
     ]
     return {"results": results, "skipped": skipped, "options": opts.__dict__}
-
-
-def main() -> int:
-    from bench import run
-
-    return run.main(["--only", "beat", *sys.argv[1:]])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,14 @@ from celery.beat import PersistentScheduler
 
 from bench import beat_child
 from bench.measure import spread_ids
-from bench.peer_common import OVERDUE, PeerBase, beat_schedule, entry_name, peer_app, start_scheduler
+from bench.peer_common import (
+    OVERDUE,
+    PeerBase,
+    beat_schedule,
+    entry_name,
+    peer_app,
+    start_scheduler,
+)
 
 
 class Persistent(PeerBase):

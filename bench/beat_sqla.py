@@ -33,6 +33,7 @@ from bench.peer_common import (
     OVERDUE,
     PEER_TASK,
     PeerBase,
+    crontab_fields,
     entry_name,
     entry_schedule,
     peer_app,
@@ -49,7 +50,7 @@ def session(url: str) -> Any:
 def _schedule_rows(s: Any, n: int, now: datetime) -> list[tuple[str, int]]:
     """(discriminator, schedule id) of each entry; schedule rows shared, as an admin would."""
     intervals: dict[int, int] = {}
-    crons: dict[tuple[str, str], int] = {}
+    crons: dict[tuple[str, ...], int] = {}
     out: list[tuple[str, int]] = []
     for i in range(n):
         schedule = entry_schedule(i, now)
@@ -62,12 +63,10 @@ def _schedule_rows(s: Any, n: int, now: datetime) -> list[tuple[str, int]]:
                 intervals[every] = row.id
             out.append(("intervalschedule", intervals[every]))
         else:
-            key = (str(i % 60), str((now.hour + 2 + i % 20) % 24))
+            fields = crontab_fields(schedule)
+            key = tuple(fields.values())
             if key not in crons:
-                row = CrontabSchedule(
-                    minute=key[0], hour=key[1], day_of_week="*", day_of_month="*",
-                    month_of_year="*", timezone="UTC",
-                )  # fmt: skip
+                row = CrontabSchedule(**fields, timezone="UTC")
                 s.add(row)
                 s.flush()
                 crons[key] = row.id
@@ -83,13 +82,22 @@ def load(n: int, url: str) -> None:
         table = PeriodicTask.__table__
         rows = [
             {
-                "name": entry_name(i), "task": PEER_TASK, "args": "[1, 2]", "kwargs": "{}",
-                "headers": "{}", "one_off": False, "enabled": True, "last_run_at": now,
-                "total_run_count": 0, "date_changed": now, "description": "",
-                "discriminator": kind, "schedule_id": ref,
+                "name": entry_name(i),
+                "task": PEER_TASK,
+                "args": "[1, 2]",
+                "kwargs": "{}",
+                "headers": "{}",
+                "one_off": False,
+                "enabled": True,
+                "last_run_at": now,
+                "total_run_count": 0,
+                "date_changed": now,
+                "description": "",
+                "discriminator": kind,
+                "schedule_id": ref,
             }
             for i, (kind, ref) in enumerate(refs)
-        ]  # fmt: skip
+        ]
         for start in range(0, n, CHUNK):
             s.execute(sa.insert(table), rows[start : start + CHUNK])
         s.add(PeriodicTaskChanged(id=1, last_update=now))

@@ -17,7 +17,8 @@ from celery.schedules import crontab
 from bench.measure import QUEUE, Counter
 
 PEER_TASK = "demo.add"
-OVERDUE = timedelta(days=2)  # a last run this long ago makes every entry below due
+# A last run this long ago makes every entry below due (the crontabs run monthly).
+OVERDUE = timedelta(days=40)
 
 
 def peer_app(config_json: str, name: str) -> Celery:
@@ -32,11 +33,27 @@ def entry_name(i: int) -> str:
 
 
 def entry_schedule(i: int, now: datetime) -> Any:
-    """Half interval entries (1 to 2 hours), half crontabs on an hour 2 to 21 hours ahead:
-    none falls due while a run measures, and each kind of schedule is evaluated."""
+    """Half interval entries (1 to 2 hours), half monthly crontabs on a day of the month 2 to
+    21 days ahead, in the next hour (django-celery-beat loads only crontabs whose hour is
+    within 2 hours of now): none falls due while a run measures, both kinds are evaluated."""
     if i % 2 == 0:
         return timedelta(seconds=3600 + i % 3600)
-    return crontab(minute=str(i % 60), hour=str((now.hour + 2 + i % 20) % 24))
+    return crontab(
+        minute=str(i % 60),
+        hour=str((now.hour + 1) % 24),
+        day_of_month=str((now.day + 2 + i % 20) % 28 + 1),
+    )
+
+
+def crontab_fields(schedule: Any) -> dict[str, str]:
+    """A crontab entry's fields, as the SQL peers store them."""
+    return {
+        "minute": str(schedule._orig_minute),
+        "hour": str(schedule._orig_hour),
+        "day_of_week": str(schedule._orig_day_of_week),
+        "day_of_month": str(schedule._orig_day_of_month),
+        "month_of_year": str(schedule._orig_month_of_year),
+    }
 
 
 def beat_schedule(n: int, now: datetime | None = None) -> dict[str, dict[str, Any]]:

@@ -9,20 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.beat import PEERS
-from bench.common import machine_lines
+
+try:  # optional (the bench extra): without it, no plots
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+except ImportError:
+    plt = None
+from bench.common import machine_lines, markdown
 
 Cell = tuple[str, float | None]  # text, and the number a ratio is taken of
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
 def fmt_s(seconds: float) -> str:
@@ -121,7 +118,9 @@ def beat_metrics(dues: list[int]) -> list[BeatMetric]:
         ("idle tick p99", _idle("p99_ms")),
     ]
     for i, k in enumerate(dues):
-        metrics.append((f"dispatch {k:,} due{', fresh process' if i == 0 else ''}", _dispatch_time(k)))
+        metrics.append(
+            (f"dispatch {k:,} due{', fresh process' if i == 0 else ''}", _dispatch_time(k))
+        )
         metrics.append((f"  slots/s, {k:,} due", _rate(k)))
         if i == 0:
             metrics.append((f"  dispatch {k:,} due, median of repeats", _repeat))
@@ -172,18 +171,32 @@ def ours_detail(beat: dict[str, Any]) -> str:
         n, extra = f"{r['n']:,}", r["extra"]
         for kind in ("plain", "sweep"):
             s = extra[f"idle_{kind}"]
-            rows.append([f"idle {kind} ticks ({s['count']}): median / p99", n,
-                         f"{s['median_ms']:.2f} / {s['p99_ms']:.2f} ms"])  # fmt: skip
+            rows.append(
+                [
+                    f"idle {kind} ticks ({s['count']}): median / p99",
+                    n,
+                    f"{s['median_ms']:.2f} / {s['p99_ms']:.2f} ms",
+                ]
+            )
         for d, detail in zip(r["dispatch"], extra["dispatch_detail"], strict=False):
-            rows.append([
-                f"dispatch {d['due']:,}: total / claim_due (SQL + planning) / planning / CPU",
-                n,
-                f"{fmt_s(d['total_s'])} / {fmt_s(detail['claim_s'])} / "
-                f"{fmt_s(detail['plan_s'])} / {fmt_s(d['cpu_s'])}",
-            ])  # fmt: skip
-            rows.append([f"  messages in Redis / run rows (of {d['due']:,})", n,
-                         f"{detail['queued']:,} / {detail['run_rows']:,}"])  # fmt: skip
-        uses = any("ix_scheduled_actions_due" in line for line in extra["plans"].get("due_query", []))
+            rows.append(
+                [
+                    f"dispatch {d['due']:,}: total / claim_due (SQL + planning) / planning / CPU",
+                    n,
+                    f"{fmt_s(d['total_s'])} / {fmt_s(detail['claim_s'])} / "
+                    f"{fmt_s(detail['plan_s'])} / {fmt_s(d['cpu_s'])}",
+                ]
+            )
+            rows.append(
+                [
+                    f"  messages in Redis / run rows (of {d['due']:,})",
+                    n,
+                    f"{detail['queued']:,} / {detail['run_rows']:,}",
+                ]
+            )
+        uses = any(
+            "ix_scheduled_actions_due" in line for line in extra["plans"].get("due_query", [])
+        )
         rows.append(["due query uses ix_scheduled_actions_due", n, "yes" if uses else "NO"])
     return markdown(header, rows) if rows else ""
 
@@ -206,33 +219,60 @@ def beat_targets(beat: dict[str, Any]) -> list[list[str]]:
             continue
         o, p = _rate(k)(ours)[1], _rate(k)(red)[1]
         if o is not None and p:
-            rows.append([f"dispatch {k:,} due, fresh process, N={n:,}: >= 3x RedBeat's slots/s",
-                         f"{o:,.0f} vs {p:,.0f} slots/s = {o / p:.2f}x", verdict(o >= 3 * p)])  # fmt: skip
+            rows.append(
+                [
+                    f"dispatch {k:,} due, fresh process, N={n:,}: >= 3x RedBeat's slots/s",
+                    f"{o:,.0f} vs {p:,.0f} slots/s = {o / p:.2f}x",
+                    verdict(o >= 3 * p),
+                ]
+            )
     largest = max(sizes) if sizes else None
     big = by.get(("ours", 100_000))
     d = _dispatch(big, 10_000) if big else None
-    rows.append(["10,000 due at N=100k in <= 2 s",
-                 _cap_text(d) if d and d["capped"] else (fmt_s(d["total_s"]) if d else "not measured"),
-                 verdict(None if d is None else (not d["capped"] and d["total_s"] <= 2.0))])  # fmt: skip
+    rows.append(
+        [
+            "10,000 due at N=100k in <= 2 s",
+            _cap_text(d) if d and d["capped"] else (fmt_s(d["total_s"]) if d else "not measured"),
+            verdict(None if d is None else (not d["capped"] and d["total_s"] <= 2.0)),
+        ]
+    )
     if largest is not None and ("ours", largest) in by and ("RedBeat", largest) in by:
         o, p = by[("ours", largest)], by[("RedBeat", largest)]
         om, pm = o["idle"]["median_ms"], p["idle"]["median_ms"]
-        rows.append([f"idle tick median at N={largest:,} <= 1.5x RedBeat's",
-                     f"{om:.2f} vs {pm:.2f} ms = {om / pm:.2f}x", verdict(om <= 1.5 * pm)])  # fmt: skip
+        rows.append(
+            [
+                f"idle tick median at N={largest:,} <= 1.5x RedBeat's",
+                f"{om:.2f} vs {pm:.2f} ms = {om / pm:.2f}x",
+                verdict(om <= 1.5 * pm),
+            ]
+        )
         orss = [by[("ours", n)]["peak_rss_mb"] for n in sizes if ("ours", n) in by]
         prss = [by[("RedBeat", n)]["peak_rss_mb"] for n in sizes if ("RedBeat", n) in by]
-        rows.append(["beat peak RSS <= 1.5x RedBeat's (worst N)",
-                     f"{max(orss):.1f} vs {max(prss):.1f} MiB = {max(orss) / max(prss):.2f}x",
-                     verdict(max(orss) <= 1.5 * max(prss))])  # fmt: skip
+        rows.append(
+            [
+                "beat peak RSS <= 1.5x RedBeat's (worst N)",
+                f"{max(orss):.1f} vs {max(prss):.1f} MiB = {max(orss) / max(prss):.2f}x",
+                verdict(max(orss) <= 1.5 * max(prss)),
+            ]
+        )
         spread = max(orss) - min(orss)
-        rows.append(["beat peak RSS flat in N (max - min <= 10 MiB)", f"{spread:.1f} MiB",
-                     verdict(spread <= 10)])  # fmt: skip
+        rows.append(
+            [
+                "beat peak RSS flat in N (max - min <= 10 MiB)",
+                f"{spread:.1f} MiB",
+                verdict(spread <= 10),
+            ]
+        )
     for n in sizes:
         p = by.get(("ours", n), {}).get("pickup")
         if p:
-            rows.append([f"pick-up of an edit at N={n:,}: one tick, the tick <= 5 ms",
-                         f"{p['ticks']} tick(s), that tick {fmt_s(p['last_tick_s'])}",
-                         verdict(p["ticks"] == 1 and p["last_tick_s"] <= 0.005)])  # fmt: skip
+            rows.append(
+                [
+                    f"pick-up of an edit at N={n:,}: one tick, the tick <= 5 ms",
+                    f"{p['ticks']} tick(s), that tick {fmt_s(p['last_tick_s'])}",
+                    verdict(p["ticks"] == 1 and p["last_tick_s"] <= 0.005),
+                ]
+            )
     return rows
 
 
@@ -251,12 +291,24 @@ def targets_table(results: dict[str, Any]) -> str:
 def render(results: dict[str, Any]) -> str:
     out = ["```text", *machine_lines(results["machine"])]
     end = " ".join(f"{x:.2f}" for x in results.get("load_at_end", []))
-    out += [f"load at end: {end}", f"total run time: {results.get('total_s', 0):.0f} s",
-            f"mode: {'quick' if results.get('quick') else 'full'}", "```", ""]  # fmt: skip
+    out += [
+        f"load at end: {end}",
+        f"total run time: {results.get('total_s', 0):.0f} s",
+        f"mode: {'quick' if results.get('quick') else 'full'}",
+        "```",
+        "",
+    ]
     if "beat" in results:
         beat = results["beat"]
-        out += ["## Beat", "", "ratio = ours / peer (below 1: ours takes less time or memory; "
-                "above 1 on slots/s: ours is faster)", "", beat_table(beat), ""]  # fmt: skip
+        out += [
+            "## Beat",
+            "",
+            "ratio = ours / peer (below 1: ours takes less time or memory; "
+            "above 1 on slots/s: ours is faster)",
+            "",
+            beat_table(beat),
+            "",
+        ]
         for name, why in beat["skipped"].items():
             out.append(f"* {name} skipped: {why}")
         detail = ours_detail(beat)
@@ -274,12 +326,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def plots(results: dict[str, Any], directory: Path) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if plt is None:
         return ["plots skipped: matplotlib is not installed (make bench installs it)"]
     written: list[str] = []
     if "beat" in results:
@@ -287,8 +334,11 @@ def plots(results: dict[str, Any], directory: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for k in beat["options"]["dues"]:
             for name in ("ours", *PEERS):
-                points = [(r["n"], d) for r in beat["results"] if r["scheduler"] == name
-                          and (d := _dispatch(r, k)) is not None]  # fmt: skip
+                points = [
+                    (r["n"], d)
+                    for r in beat["results"]
+                    if r["scheduler"] == name and (d := _dispatch(r, k)) is not None
+                ]
                 if not points:
                     continue
                 xs = [n for n, _ in points]
@@ -314,9 +364,15 @@ def plots(results: dict[str, Any], directory: Path) -> list[str]:
     if workers and workers.get("runs"):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for side in ("guarded", "raw"):
-            runs = sorted((r for r in workers["runs"] if r["side"] == side), key=lambda r: r["concurrency"])
-            ax.plot([r["concurrency"] for r in runs], [r["tasks_per_s"] for r in runs], "-o",
-                    label={"guarded": "ours (guarded run_task)", "raw": "raw Celery no-op"}[side])  # fmt: skip
+            runs = sorted(
+                (r for r in workers["runs"] if r["side"] == side), key=lambda r: r["concurrency"]
+            )
+            ax.plot(
+                [r["concurrency"] for r in runs],
+                [r["tasks_per_s"] for r in runs],
+                "-o",
+                label={"guarded": "ours (guarded run_task)", "raw": "raw Celery no-op"}[side],
+            )
         ax.set_xlabel("worker processes (--concurrency)")
         ax.set_ylabel("tasks/s")
         ax.set_yscale("log")

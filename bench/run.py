@@ -36,7 +36,7 @@ from typing import Any
 # Run as a script, the repo root (gathering_tasks, tests, bench) is not on sys.path yet.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import report
+from bench import lateness, pipelines, report, workers
 from bench.beat import BeatOptions, measure_beat
 from bench.common import ROOT, machine, make_log, start_servers, stop_on_sigterm
 
@@ -103,16 +103,10 @@ def measure(args: argparse.Namespace, stack: ExitStack, log: Any) -> dict[str, A
     if "beat" in args.only:
         results["beat"] = measure_beat(servers, beat_options(args), log)
     if "workers" in args.only:
-        from bench import workers
-
         results["workers"] = workers.measure(servers, quick=args.quick, log=log)
     if "lateness" in args.only:
-        from bench import lateness
-
         results["lateness"] = lateness.measure(servers, quick=args.quick, log=log)
     if "pipelines" in args.only:
-        from bench import pipelines
-
         results["pipelines"] = pipelines.measure_for_harness(servers, stack, args.quick, log)
     results["load_at_end"] = list(os.getloadavg())
     return results
