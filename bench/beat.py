@@ -75,6 +75,7 @@ class BeatOptions:
     ticks: int
     idle_budget_s: float
     child_timeout_s: float
+    sql_sizes: tuple[int, ...] | None = None  # the SQL peers only at these N (quick mode)
 
 
 def missing(scheduler: Scheduler) -> str | None:
@@ -193,6 +194,10 @@ def measure_one(
             pg.drop_database(dbname)
 
 
+def runs_at(scheduler: Scheduler, n: int, opts: BeatOptions) -> bool:
+    return scheduler.store != "postgres" or opts.sql_sizes is None or n in opts.sql_sizes
+
+
 def measure_beat(servers: Servers, opts: BeatOptions, log: Log) -> dict[str, Any]:
     """Every scheduler at every N. Returns {"results": [...], "skipped": {name: reason}}."""
     skipped = {s.name: why for s in SCHEDULERS if (why := missing(s))}
@@ -202,6 +207,6 @@ def measure_beat(servers: Servers, opts: BeatOptions, log: Log) -> dict[str, Any
         measure_one(servers, scheduler, n, opts, log)
         for n in opts.sizes
         for scheduler in SCHEDULERS
-        if scheduler.name not in skipped
+        if scheduler.name not in skipped and runs_at(scheduler, n, opts)
     ]
     return {"results": results, "skipped": skipped, "options": opts.__dict__}

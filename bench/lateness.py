@@ -8,9 +8,9 @@ whole process group): the other takes the lease once it expires (``leader_lease_
 catches up. Lateness of a run = its ``started_at`` (the worker's ``pending -> running``
 transaction, database clock) minus its slot; claim lateness = ``created_at`` (the claim's
 transaction) minus the slot. Slots are grouped by when they fell due: warm-up (the first
-2 s: the worker's pool processes are cold), steady (until the kill), failover (from the kill
-to TTL + 1 s after; a slot due just before the kill may have missed the last tick), after
-(the rest).
+2 s: the worker's pool processes are cold), steady (until 1 s before the kill), failover
+(from 1 s before the kill, as a slot due then may have missed the leader's last tick, to TTL
++ 1 s after it), after (the rest).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from gathering_tasks.settings import Settings
 ACTIONS = 1000
 EVERY_S = 60.0
 CONCURRENCY = 2
-START_AFTER_S = 5.0  # the first slot: after the beats and the worker are up
+START_AFTER_S = 4.0  # the first slot: after the beats and the worker are up
 LEADER_WAIT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 TARGET_P99_S = 0.250
@@ -58,7 +58,7 @@ class Plan:
     after_kill_s: float
 
 
-FULL = Plan(steady_s=90.0, after_kill_s=40.0)
+FULL = Plan(steady_s=60.0, after_kill_s=30.0)
 QUICK = Plan(steady_s=6.0, after_kill_s=14.5)
 
 
@@ -223,14 +223,13 @@ def summarize(
             not_started += 1
             continue
         phases[phase]["start"].append((started - slot).total_seconds())
-    expected = int(
-        ((rows[-1][0] if rows else first_at) - first_at).total_seconds() * ACTIONS / EVERY_S
-    )
+    last_slot = max((row[0] for row in rows), default=first_at)
+    expected = int((last_slot - first_at).total_seconds() * ACTIONS / EVERY_S) + 1
     found = {p: {k: stats(v) for k, v in d.items()} for p, d in phases.items()}
     labels = {
         "warm-up": f"warm-up (the first {WARM_UP_S:g} s of slots)",
         "steady": "steady (before the kill)",
-        "failover": f"failover (kill to kill + TTL {ttl_s:g} s + 3 s)",
+        "failover": f"failover (kill - {FAILOVER_BEFORE_S:g} s to kill + TTL {ttl_s:g} s + 1 s)",
         "after": "after the failover",
     }
     rows_out = []

@@ -76,6 +76,7 @@ from gathering_tasks.work import NODE_SKILLS, task_allowed
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 100
 QUICK_STEPS = 50  # bench/run.py --quick
+HARNESS_REPS = 3  # bench/run.py's full mode: the whole harness within ~15 minutes
 FULL_REPS = 5
 QUICK_REPS = 2
 POLL_S = 0.005
@@ -873,12 +874,12 @@ def run_bench(
 def measure_for_harness(
     servers: Servers, stack: ExitStack, quick: bool, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    """``bench/run.py``'s pipelines section on its servers: full mode as ``bench/pipelines.py``
-    (5 runs, concurrency 1 and 2, the in-process drain); quick: 1 run of 50 steps, concurrency
+    """``bench/run.py``'s pipelines section on its servers: full mode like ``bench/pipelines.py``
+    (3 runs, concurrency 1 and 2, the in-process drain); quick: 1 run of 50 steps, concurrency
     2, no drain."""
     args = argparse.Namespace(
         quick=quick,
-        reps=1 if quick else FULL_REPS,
+        reps=1 if quick else HARNESS_REPS,
         concurrency=(2,) if quick else (1, 2),
         steps=QUICK_STEPS if quick else STEPS,
         drain=not quick,

@@ -66,6 +66,8 @@ def _dispatch_time(k: int) -> Callable[[dict[str, Any]], Cell]:
         d = _dispatch(r, k)
         if d is None:
             return "-", None
+        if "skipped" in d:
+            return "not run (smaller K capped)", None
         if d["capped"]:
             return _cap_text(d), None
         return fmt_s(d["total_s"]), d["total_s"]
@@ -76,7 +78,7 @@ def _dispatch_time(k: int) -> Callable[[dict[str, Any]], Cell]:
 def _rate(k: int) -> Callable[[dict[str, Any]], Cell]:
     def cell(r: dict[str, Any]) -> Cell:
         d = _dispatch(r, k)
-        if d is None:
+        if d is None or "skipped" in d:
             return "-", None
         rate = d["done"] / d["total_s"] if d["total_s"] else 0.0
         text = f"{rate:,.0f}" + (" (capped)" if d["capped"] else "")
@@ -311,6 +313,16 @@ def render(results: dict[str, Any]) -> str:
         ]
         for name, why in beat["skipped"].items():
             out.append(f"* {name} skipped: {why}")
+        sql_sizes = beat["options"].get("sql_sizes")
+        if sql_sizes:
+            shown = ", ".join(f"{n:,}" for n in sql_sizes)
+            out.append(f"* quick mode: the SQL peers run at N = {shown} only (full mode: all N)")
+        opts = beat["options"]
+        out.append(
+            f'* cap {opts["cap_s"]:g} s per dispatch or pick-up ("> cap": what was sent by '
+            f"then); idle ticks: up to {opts['ticks']} in {opts['idle_budget_s']:g} s, at least "
+            f"20; the first K repeated {opts['reps']} times"
+        )
         detail = ours_detail(beat)
         out += ["", detail, ""] if detail else []
     for section in ("workers", "lateness", "pipelines"):
@@ -337,7 +349,9 @@ def plots(results: dict[str, Any], directory: Path) -> list[str]:
                 points = [
                     (r["n"], d)
                     for r in beat["results"]
-                    if r["scheduler"] == name and (d := _dispatch(r, k)) is not None
+                    if r["scheduler"] == name
+                    and (d := _dispatch(r, k)) is not None
+                    and "skipped" not in d
                 ]
                 if not points:
                     continue

@@ -62,8 +62,8 @@ class Plan:
     raw_tasks: int
 
 
-FULL = Plan((1, 2, 4), ours_tasks=1500, raw_tasks=8000)
-QUICK = Plan((2,), ours_tasks=300, raw_tasks=1200)
+FULL = Plan((1, 2, 4), ours_tasks=1200, raw_tasks=5000)
+QUICK = Plan((2,), ours_tasks=250, raw_tasks=1000)
 
 
 # -- CPU accounting ----------------------------------------------------------------------------
