@@ -160,7 +160,8 @@ def beat_table(beat: dict[str, Any]) -> str:
                 else:
                     text, value = cell(r)
                     row += [text, ratio(ours_value, value)]
-            rows.append(row)
+            if any(cell != "-" for cell in row[2::2]):  # a row nobody measured is left out
+                rows.append(row)
     return markdown(header, rows)
 
 
