@@ -80,6 +80,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="write every measurement to this file")
     parser.add_argument(
+        "--render",
+        type=Path,
+        help="measure nothing: print the report of a results.json written before",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="directory for table.md, results.json and the plots "
@@ -125,6 +130,9 @@ def output_dir(args: argparse.Namespace) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        print(report.render(json.loads(args.render.read_text())))
+        return 0
     # Our beat engine and API run in this process too (queueing the workers' runs): their
     # warnings (skipped catch-up slots, leadership) would drown the progress lines.
     logging.getLogger("gathering_tasks").setLevel(logging.ERROR)
