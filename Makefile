@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench bench-pipelines chaos-long clean
+.PHONY: setup demo test lint bench bench-quick bench-pipelines chaos-long clean
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,9 +27,21 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict gathering_tasks
 
-bench: setup
+# The harness's peers (RedBeat, sqlalchemy-celery-beat, django-celery-beat) and matplotlib.
+$(BIN)/.bench-installed: pyproject.toml $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[test,bench]'
+	@touch $@
+
+## The benchmark harness (bench/README.md): beat next to its peers, workers, lateness,
+## pipelines; writes bench/results/<date>/. Extra arguments: make bench BENCH_ARGS=--quick
+bench: setup $(BIN)/.bench-installed
 	@scripts/ensure-services.sh
-	$(BIN)/python bench/beat.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+## The harness's smoke run (under 2 minutes), nothing written.
+bench-quick: setup $(BIN)/.bench-installed
+	@scripts/ensure-services.sh
+	$(BIN)/python bench/run.py --quick
 
 ## Per-node overhead of our pipeline executor next to Celery canvas (chain and chord).
 bench-pipelines: setup

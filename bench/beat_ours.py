@@ -1,33 +1,33 @@
-"""Measure OUR beat in a fresh process: start-up, idle tick, claim+publish, peak RSS.
+"""Measure OUR beat in a fresh process, through ``DatabaseScheduler.tick()``.
 
-Run by ``bench/beat.py`` as ``python -m bench.beat_ours --n N --due K`` against a database it
-has loaded with N actions whose ``next_run_at`` lies in the future; the database and Redis
-come from ``GATHERING_DATABASE_URL`` / ``GATHERING_REDIS_URL``, exactly as for ``celery beat``.
-Prints one JSON line.
+Run by ``bench/beat.py`` as ``python -m bench.beat_ours --n N --dues 1000,10000`` against a
+database it has loaded with N actions whose ``next_run_at`` lies in the future; the database
+and Redis come from ``GATHERING_DATABASE_URL`` / ``GATHERING_REDIS_URL``, exactly as for
+``celery beat``. The sequence is :func:`bench.beat_child.run`'s; on top of it: idle ticks with
+and without the sweeper apart, where a dispatch's time goes (claim SQL, planning, publish),
+run rows verified, and the plans of the tick's queries. Prints one JSON line.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
 from celery import Celery
 from sqlalchemy import Engine, event, text
 
-from bench.dataset import SCHEDULES, slot_at_or_before
-from bench.measure import QUEUE, TickStats, emit, peak_rss_mb, ru_maxrss_mb, time_ticks
+from bench import beat_child
+from bench.dataset import SCHEDULES, slot_after, slot_at_or_before
+from bench.measure import QUEUE, TickStats
 from gathering_tasks.app import celery_config
 from gathering_tasks.beat import DatabaseScheduler, SlotPlanner
 from gathering_tasks.db.claims import ClaimBatch, DueAction, Planner, SlotClaims, SlotPlan
 from gathering_tasks.db.engine import session_factory
+from gathering_tasks.db.repo import Repository
 from gathering_tasks.settings import Settings, get_settings
 
 DUE_QUERY_MARK = "FOR UPDATE OF scheduled_actions SKIP LOCKED"
@@ -62,19 +62,6 @@ class TimedClaims(SlotClaims):
             return super().claim_due(now, limit=limit, slot_budget=slot_budget, plan=plan)
         finally:
             self.spent_s += time.perf_counter() - started
-
-
-@dataclass(frozen=True)
-class DispatchSample:
-    """One ``dispatch_due`` of K due actions, and what reached Redis and the database."""
-
-    total_s: float
-    cpu_s: float  # this process's CPU time: far below total_s means waiting (I/O, or no CPU)
-    claim_s: float
-    plan_s: float
-    published: int
-    queued: int
-    run_rows: int
 
 
 def beat_app(settings: Settings) -> Celery:
@@ -123,14 +110,13 @@ def explain_tick_queries(scheduler: DatabaseScheduler, engine: Engine) -> dict[s
     return plans
 
 
-def make_due(engine: Engine, client: redis.Redis, *, n: int, due: int, slot: datetime) -> None:
-    """Move ``due`` actions, spread over the table, to a past slot; empty runs and queue.
+def make_due(engine: Engine, *, n: int, due: int, slot: datetime) -> None:
+    """Move ``due`` actions, spread over the table, to a past slot.
 
     The loader cycles through SCHEDULES every len(SCHEDULES) consecutive ids, so whole blocks
     of that many ids are picked: the due set has the table's mix of schedules.
     """
     with engine.begin() as conn:
-        conn.execute(text("DELETE FROM executions"))
         conn.execute(
             text(
                 "UPDATE scheduled_actions SET next_run_at = :slot WHERE id IN ("
@@ -139,101 +125,126 @@ def make_due(engine: Engine, client: redis.Redis, *, n: int, due: int, slot: dat
             ),
             {"slot": slot, "kinds": len(SCHEDULES), "stride": max(1, n // due), "due": due},
         )
-    client.delete(QUEUE)
 
 
-def dispatch_once(
-    scheduler: DatabaseScheduler, engine: Engine, client: redis.Redis, *, n: int, due: int
-) -> DispatchSample:
-    """Time one ``dispatch_due`` that finds ``due`` actions due, then verify its effect."""
-    now = datetime.now(UTC)
-    make_due(engine, client, n=n, due=due, slot=slot_at_or_before(now))
-    beat = scheduler.engine
-    claims = TimedClaims(session_factory(get_settings().database_url))
-    beat.repo.claims = claims
-    # A fresh planner: a burst of actions it has never parsed is the expensive case.
-    beat.planner = planner = TimedPlanner(now)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    published = beat.dispatch_due(now)
-    total_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
-    with engine.connect() as conn:
-        run_rows = conn.execute(text("SELECT count(*) FROM scheduled_action_runs")).scalar_one()
-    return DispatchSample(
-        total_s=total_s,
-        cpu_s=cpu_s,
-        claim_s=claims.spent_s,
-        plan_s=planner.spent_s,
-        published=published,
-        queued=client.llen(QUEUE),
-        run_rows=int(run_rows),
-    )
+class Ours:
+    """The driver of :func:`bench.beat_child.run` for our ``DatabaseScheduler``."""
 
+    name = "ours"
 
-def idle_ticks(scheduler: DatabaseScheduler, settings: Settings, count: int) -> dict[str, Any]:
-    """Back-to-back ticks with nothing due, the sweeper running as often as in production.
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.settings = settings = get_settings()
+        self.client = redis.Redis.from_url(settings.redis_url)
+        self.engine: Engine = session_factory(settings.database_url).kw["bind"]
+        self.sweep_every = max(1, round(settings.sweep_interval_s / settings.beat_tick_s))
+        self.idle = True  # while idle, the sweep is forced at its production ratio
+        self.idle_samples: list[tuple[bool, float]] = []
+        self.sent = 0
+        self.samples: list[dict[str, Any]] = []
+        self.plans: dict[str, list[str]] = {}
+        self.claims: TimedClaims | None = None
+        self.planner: TimedPlanner | None = None
 
-    Returns the stats of all ticks, and of the plain and the sweeping ones apart.
-    """
-    sweep_every = max(1, round(settings.sweep_interval_s / settings.beat_tick_s))
+    def start(self) -> None:
+        self.scheduler = DatabaseScheduler(beat_app(self.settings))
+        beat = self.scheduler.engine
+        publish = beat._publish
 
-    def tick(i: int) -> None:
-        if i % sweep_every == 0:
+        def counted(dispatches: Any) -> int:
+            sent = publish(dispatches)
+            self.sent += sent
+            return sent
+
+        beat._publish = counted  # type: ignore[method-assign]
+        self.scheduler.tick()
+        if not beat.is_leader:
+            raise RuntimeError("the benchmark beat did not take the leader lease")
+
+    def tick(self) -> None:
+        if not self.idle:
+            self.scheduler.tick()
+            return
+        sweep = len(self.idle_samples) % self.sweep_every == 0
+        if sweep:
             # Ticks here run back to back, not once per beat_tick_s: force the sweep at its
             # production ratio (one tick in sweep_interval_s / beat_tick_s) so p99 includes it.
-            scheduler.engine._next_sweep = 0.0
-        scheduler.tick()
+            self.scheduler.engine._next_sweep = 0.0
+        started = time.perf_counter()
+        self.scheduler.tick()
+        self.idle_samples.append((sweep, time.perf_counter() - started))
 
-    samples = time_ticks(tick, count=count, min_count=count, budget_s=0)
-    return {
-        **TickStats.of(samples).as_dict(),
-        "sweep_every": sweep_every,
-        "plain": TickStats.of([s for i, s in enumerate(samples) if i % sweep_every]).as_dict(),
-        "sweep": TickStats.of(samples[::sweep_every]).as_dict(),
-    }
+    def published(self) -> int:
+        return self.sent
 
+    def make_due(self, k: int) -> None:
+        if self.idle:
+            self.idle = False
+            self.plans = explain_tick_queries(self.scheduler, self.engine)
+            self.settle()
+        now = datetime.now(UTC)
+        make_due(self.engine, n=self.n, due=k, slot=slot_at_or_before(now))
+        beat = self.scheduler.engine
+        self.claims = TimedClaims(session_factory(self.settings.database_url))
+        beat.repo.claims = self.claims
+        # A fresh planner: a burst of actions it has never parsed is the expensive case.
+        beat.planner = self.planner = TimedPlanner(now)
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    settings = get_settings()
-    client = redis.Redis.from_url(settings.redis_url)
-    engine = session_factory(settings.database_url).kw["bind"]
-    started = time.perf_counter()
-    scheduler = DatabaseScheduler(beat_app(settings))
-    try:
-        scheduler.tick()
-        startup_s = time.perf_counter() - started
-        if not scheduler.engine.is_leader:
-            raise RuntimeError("the benchmark beat did not take the leader lease")
-        idle = idle_ticks(scheduler, settings, args.ticks)
-        plans = explain_tick_queries(scheduler, engine)
-        samples = [
-            dispatch_once(scheduler, engine, client, n=args.n, due=args.due)
-            for _ in range(args.reps)
-        ]
-        rss_mb, ru_maxrss = peak_rss_mb(), ru_maxrss_mb()
-    finally:
-        scheduler.close()
-        client.close()
-    return {
-        "n": args.n,
-        "startup_s": startup_s,
-        "idle": idle,
-        "plans": plans,
-        "dispatch": [asdict(s) for s in samples],
-        "dispatch_median_s": statistics.median(s.total_s for s in samples),
-        "peak_rss_mb": rss_mb,
-        "ru_maxrss_mb": ru_maxrss,
-    }
+    def settle(self) -> int:
+        queued = int(self.client.llen(QUEUE))
+        with self.engine.begin() as conn:
+            runs = conn.execute(text("SELECT count(*) FROM executions")).scalar_one()
+            if self.claims is not None and self.planner is not None:
+                self.samples.append(
+                    {
+                        "published": self.sent,
+                        "queued": queued,
+                        "run_rows": int(runs),
+                        "claim_s": self.claims.spent_s,
+                        "plan_s": self.planner.spent_s,
+                    }
+                )
+                self.claims = self.planner = None
+            # overlap_policy "skip": a pending run would hold its action's next slot back.
+            conn.execute(text("DELETE FROM executions"))
+            # Claimed actions moved to their next slot, some a minute away: park them.
+            park = slot_after(datetime.now(UTC)) + timedelta(hours=1)
+            conn.execute(
+                text("UPDATE scheduled_actions SET next_run_at = :park WHERE next_run_at < :park"),
+                {"park": park},
+            )
+        self.client.delete(QUEUE)
+        self.sent = 0
+        return queued
+
+    def edit(self) -> bool:
+        """An operator moves one action's next slot to its latest past slot
+        (``ActionStore.set_next_run``); the slot is in the catch-up grace, so it runs."""
+        now = datetime.now(UTC)
+        repo = Repository(session_factory(self.settings.database_url))
+        repo.actions.set_next_run(f"bench-{self.n // 2:06d}", slot_at_or_before(now), now=now)
+        return True
+
+    def extra(self) -> dict[str, Any]:
+        def stats(sweep: bool) -> dict[str, Any]:
+            return TickStats.of([s for kind, s in self.idle_samples if kind is sweep]).as_dict()
+
+        return {
+            "idle_plain": stats(False),
+            "idle_sweep": stats(True),
+            "sweep_every": self.sweep_every,
+            "dispatch_detail": self.samples,
+            "plans": self.plans,
+        }
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.client.close()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, required=True, help="actions in the database")
-    parser.add_argument("--due", type=int, default=1000, help="actions made due per dispatch")
-    parser.add_argument("--ticks", type=int, default=500, help="idle ticks to time")
-    parser.add_argument("--reps", type=int, default=5, help="timed dispatches")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.ERROR)
-    emit(measure(args))
+    args = beat_child.parse_args(__doc__)
+    beat_child.run(Ours(args.n), args)
 
 
 if __name__ == "__main__":

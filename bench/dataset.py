@@ -42,6 +42,27 @@ COLUMNS = (
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def _row(name: str, schedule: str, next_run_at: datetime, stamp: str) -> tuple[object, ...]:
+    return (
+        name,
+        "run_task",
+        ACTION_CONFIG,
+        schedule,
+        0,  # run_count
+        "active",
+        "latest",  # catchup_mode
+        3600.0,  # catchup_grace_s
+        100,  # catchup_max
+        "skip",  # overlap_policy
+        3,  # retry_max_attempts
+        5.0,  # retry_backoff_s
+        300.0,  # retry_backoff_max_s
+        next_run_at.isoformat(),
+        stamp,  # created_at
+        stamp,  # updated_at
+    )
+
+
 def action_rows(n: int, now: datetime) -> Iterator[tuple[object, ...]]:
     """N active run_task actions (values for COLUMNS), on future slots over the next day.
 
@@ -51,25 +72,19 @@ def action_rows(n: int, now: datetime) -> Iterator[tuple[object, ...]]:
     stamp = now.isoformat()
     schedules = [json.dumps(s) for s in SCHEDULES]
     for i in range(n):
-        next_run_at = first + (i % 144) * SLOT_GRID
-        yield (
-            f"bench-{i:06d}",
-            "run_task",
-            ACTION_CONFIG,
-            schedules[i % len(schedules)],
-            0,  # run_count
-            "active",
-            "latest",  # catchup_mode
-            3600.0,  # catchup_grace_s
-            100,  # catchup_max
-            "skip",  # overlap_policy
-            3,  # retry_max_attempts
-            5.0,  # retry_backoff_s
-            300.0,  # retry_backoff_max_s
-            next_run_at.isoformat(),
-            stamp,  # created_at
-            stamp,  # updated_at
+        yield _row(
+            f"bench-{i:06d}", schedules[i % len(schedules)], first + (i % 144) * SLOT_GRID, stamp
         )
+
+
+def spread_rows(n: int, every_s: float, first_at: datetime) -> Iterator[tuple[object, ...]]:
+    """N actions every ``every_s``, their slots spread evenly over one period from
+    ``first_at``: ``n`` slots due per period, one every ``every_s / n`` seconds."""
+    stamp = datetime.now(UTC).isoformat()
+    for i in range(n):
+        anchor = first_at + timedelta(seconds=every_s * i / n)
+        schedule = {"kind": "interval", "every_s": every_s, "anchor": anchor.isoformat()}
+        yield _row(f"late-{i:06d}", json.dumps(schedule), anchor, stamp)
 
 
 def slot_at_or_before(moment: datetime) -> datetime:

@@ -83,3 +83,64 @@ def ru_maxrss_mb() -> float:
 def emit(result: dict[str, Any]) -> None:
     """Hand the result to the parent: one JSON line, the last line on stdout."""
     print(json.dumps(result), flush=True)
+
+
+@dataclass(frozen=True)
+class Pumped:
+    """Back-to-back ticks until a goal was met or a cap passed."""
+
+    total_s: float
+    cpu_s: float
+    ticks: int
+    done: int  # what was counted (slots published)
+    capped: bool  # the cap passed before the goal
+    last_tick_s: float  # the cost of the last tick (the one that met the goal)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pump(
+    tick: Callable[[], object], count: Callable[[], int], *, goal: int, cap_s: float
+) -> Pumped:
+    """Call ``tick()`` back to back (no sleeps) until ``count() >= goal`` or ``cap_s`` passed.
+
+    This is how a scheduler's loop behaves when it has work: Celery's ``Service`` sleeps only
+    when ``tick()`` returns a positive interval, and every peer returns 0 while entries are due.
+    """
+    ticks, last_s = 0, 0.0
+    started, cpu_started = time.perf_counter(), time.process_time()
+    deadline = started + cap_s
+    while count() < goal:
+        if time.perf_counter() > deadline:
+            break
+        tick_started = time.perf_counter()
+        tick()
+        last_s = time.perf_counter() - tick_started
+        ticks += 1
+    done = count()
+    return Pumped(
+        total_s=time.perf_counter() - started,
+        cpu_s=time.process_time() - cpu_started,
+        ticks=ticks,
+        done=done,
+        capped=done < goal,
+        last_tick_s=last_s,
+    )
+
+
+class Counter:
+    """Counts calls of a wrapped callable (a scheduler's ``apply_async``)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def spread_ids(n: int, k: int) -> list[int]:
+    """``k`` indices out of ``range(n)``, evenly spread (the due set mixes every kind)."""
+    stride = max(1, n // k)
+    return [i * stride for i in range(min(k, n))]

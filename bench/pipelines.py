@@ -55,7 +55,7 @@ from celery import Celery, chain, chord
 from sqlalchemy import Engine, event, text
 
 from bench import canvas_app
-from bench.beat import machine_info, stop_on_sigterm
+from bench.common import Servers, machine_info, start_servers, stop_on_sigterm
 from gathering_tasks import guard as guard_module
 from gathering_tasks import keys
 from gathering_tasks.api import PipelineService
@@ -72,10 +72,11 @@ from gathering_tasks.pipelines import executor as node_executor
 from gathering_tasks.publish import publish
 from gathering_tasks.settings import Settings
 from gathering_tasks.work import NODE_SKILLS, task_allowed
-from tests.servers import RedisServer, free_port, running_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 100
+QUICK_STEPS = 50  # bench/run.py --quick
+HARNESS_REPS = 3  # bench/run.py's full mode: the whole harness within ~15 minutes
 FULL_REPS = 5
 QUICK_REPS = 2
 POLL_S = 0.005
@@ -784,6 +785,7 @@ def detail_table(summaries: list[Summary]) -> str:
 def canvas_config(database_url: str, redis_url: str) -> dict[str, Any]:
     """Our Celery settings for the peer, minus our app's own, plus the result backend."""
     config = celery_config(Settings(database_url=database_url, redis_url=redis_url))
+    # task_queues: our worker's queues, kombu objects (not JSON), and not the peer's
     for ours_only in ("beat_scheduler", "beat_max_loop_interval", "imports", "task_queues"):
         config.pop(ours_only)
     config.update(
@@ -829,13 +831,16 @@ class Result:
     breakdowns: list[Breakdown]
 
 
-def run_bench(args: argparse.Namespace, stack: ExitStack, log: Callable[[str], None]) -> Result:
-    log("starting PostgreSQL and Redis")
-    pg = stack.enter_context(running_postgres())
-    broker = RedisServer(free_port(), dir=tempfile.mkdtemp(prefix="gt-redis-"))
-    stack.callback(shutil.rmtree, broker.dir, ignore_errors=True)
-    stack.callback(broker.stop)
-    broker.start()
+def run_bench(
+    args: argparse.Namespace,
+    stack: ExitStack,
+    log: Callable[[str], None],
+    servers: Servers | None = None,
+) -> Result:
+    if servers is None:
+        log("starting PostgreSQL and Redis")
+        servers = start_servers(stack)
+    pg, broker = servers.pg, servers.redis
     workdir = Path(tempfile.mkdtemp(prefix="gt-pipebench-"))
     stack.callback(shutil.rmtree, workdir, ignore_errors=True)
     info = machine_info(pg, broker)
@@ -865,11 +870,50 @@ def run_bench(args: argparse.Namespace, stack: ExitStack, log: Callable[[str], N
     for concurrency in () if args.drain_only else args.concurrency:
         log(f"concurrency {concurrency}: starting both workers")
         samples += bench.measure(concurrency, reps)
+    if not getattr(args, "drain", True):
+        return Result(info, chosen, samples, [])
     log("workers stopped; draining the same pipelines in this process, with timers")
     drain = Drain(ours)
     stack.callback(drain.close)
     found = [breakdown(drain, workload, reps) for workload in chosen]
     return Result(info, chosen, samples, found)
+
+
+def measure_for_harness(
+    servers: Servers, stack: ExitStack, quick: bool, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """``bench/run.py``'s pipelines section on its servers: full mode like ``bench/pipelines.py``
+    (3 runs, concurrency 1 and 2, the in-process drain); quick: 1 run of 50 steps, concurrency
+    2, no drain."""
+    args = argparse.Namespace(
+        quick=quick,
+        reps=1 if quick else HARNESS_REPS,
+        concurrency=(2,) if quick else (1, 2),
+        steps=QUICK_STEPS if quick else STEPS,
+        drain=not quick,
+    )
+    with ExitStack() as own:  # this section's workers and connections end with it
+        result = run_bench(args, own, log, servers)
+    chosen = [(w, c) for c in args.concurrency for w in result.workloads]
+    summaries = [summarize(result.samples, w, c) for w, c in chosen]
+    tables = [verdict_table(summaries), "", detail_table(summaries)]
+    if result.breakdowns:
+        tables += ["", breakdown_table(result.breakdowns)]
+    targets = [
+        [
+            f"pipeline per-node overhead, {s.label}, concurrency {s.concurrency}: {s.target}",
+            f"{s.ours_ms:.2f} vs {s.canvas_ms:.2f} ms per node = {s.ratio:.2f}x",
+            "holds" if s.ok else "MISSED",
+        ]
+        for s in summaries
+    ]
+    return {
+        "summaries": [dataclasses.asdict(s) for s in summaries],
+        "samples": [dataclasses.asdict(s) for s in result.samples],
+        "drain": [dataclasses.asdict(b) for b in result.breakdowns],
+        "tables": tables,
+        "targets": targets,
+    }
 
 
 def main() -> int:
