@@ -867,7 +867,7 @@ def run_bench(
     )
     reps = args.reps or (QUICK_REPS if args.quick else FULL_REPS)
     samples: list[Sample] = []
-    for concurrency in () if args.drain_only else args.concurrency:
+    for concurrency in () if getattr(args, "drain_only", False) else args.concurrency:
         log(f"concurrency {concurrency}: starting both workers")
         samples += bench.measure(concurrency, reps)
     if not getattr(args, "drain", True):
