@@ -17,6 +17,9 @@ HARD_LIMIT_MARGIN_S = 10  # a task's hard time limit is its soft limit plus this
 RETRY_CLOCK_SKEW_S = 1.0  # a retry may start this early (its copy raced its retry time)
 MAX_ATTEMPT_HISTORY = 50  # attempts kept in a record's history
 OUTCOME_RETRY_MAX_WAIT_S = 5.0  # longest pause between tries of an outcome write
+# A new pool process may take this long beyond its database bounds to report for work
+# (Celery's own default wait for it).
+POOL_START_MARGIN_S = 4.0
 
 
 def run_lock(prefix: str, record_id: int) -> str:
