@@ -9,6 +9,8 @@ from __future__ import annotations
 # Beat
 MIN_SLEEP_S = 0.005  # beat never busy-loops, even when a slot is due in a microsecond
 SWEEP_LIMIT = 500  # records one sweep re-publishes or recovers at most
+PRUNE_INTERVAL_S = 60.0  # how often the leader prunes finished records (retention is in days)
+SCHEDULE_CACHE_SIZE = 10_000  # parsed schedules one beat keeps (distinct ones, not actions)
 # The sweeper re-publishes one queued record after the grace, then 2x, 4x ... 64x it.
 MAX_REPUBLISH_DOUBLINGS = 6
 
