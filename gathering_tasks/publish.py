@@ -81,6 +81,9 @@ class _Sender:
         self.sent_events: list[dict[str, Any]] = []
         self.declared: set[str] = set()
         self.sent = 0
+        # In a batch a publish only buffers (the flush is the write): nothing to retry then.
+        # A transport without batches writes at once, under Celery's retry policy.
+        self.retry: bool | None = False if _buffers_batches(producer) else None
 
     def send(self, dispatch: Dispatch) -> None:
         amqp = self.app.amqp
@@ -112,9 +115,23 @@ class _Sender:
         # send_task also hands the labels' reprs on as message properties: so do we.
         reprs = {"argsrepr": labels["argsrepr"], "kwargsrepr": labels["kwargsrepr"]}
         amqp.send_task_message(
-            self.producer, name, message, queue=queue, declare=declare, **reprs, **options
+            self.producer,
+            name,
+            message,
+            queue=queue,
+            declare=declare,
+            retry=self.retry,
+            **reprs,
+            **options,
         )
         self.sent += 1
+
+
+def _buffers_batches(producer: Any) -> bool:
+    """Whether ``producer.batch()`` buffers on this transport (kombu's own test)."""
+    channel = producer.channel
+    creates = getattr(channel, "create_publish_batch", None) is not None
+    return creates and bool(getattr(channel, "supports_batch_publish", True))
 
 
 def _parent_links(app: Celery) -> dict[str, Any]:

@@ -195,6 +195,7 @@ class SlotClaims(Sql):
         batch = ClaimBatch()
         records: list[dict[str, Any]] = []
         decided: list[tuple[Row[Any], SlotPlan, bool]] = []
+        definitions: dict[int, dict[str, Any]] = {}  # one snapshot per action, for all its slots
         for row in rows:
             is_busy = row.id in busy
             # A busy action's slots are recorded as skipped: they are not runs, so they
@@ -204,8 +205,10 @@ class SlotClaims(Sql):
                 batch.more = True  # the rest stays due for the next transaction
                 break
             status = "skipped" if is_busy else "pending"
+            definition = definitions[row.id] = definition_of(row)
             records += [
-                _new_record(row, slot, trig, status, now) for slot, trig in slot_plan.run_slots
+                _new_record(row, slot, trig, status, now, definition=definition)
+                for slot, trig in slot_plan.run_slots
             ]
             decided.append((row, slot_plan, is_busy))
         inserted = self._insert(session, records)
@@ -213,11 +216,9 @@ class SlotClaims(Sql):
         self._advance_all(
             session, [_advance(row, p, busy_, accepted[row.id], now) for row, p, busy_ in decided]
         )
-        by_id = {row.id: row for row, _p, _b in decided}
+        kinds = {row.id: row.action_type for row, _p, _b in decided}
         batch.dispatches = [
-            dispatch_for(
-                rid, by_id[aid].action_type, definition_of(by_id[aid]), slot=slot, attempt=1
-            )
+            dispatch_for(rid, kinds[aid], definitions[aid], slot=slot, attempt=1)
             for rid, aid, st, slot in inserted
             if st == "pending"
         ]
@@ -438,6 +439,7 @@ def _new_record(
     now: datetime,
     *,
     dedupe_key: str | None = None,
+    definition: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     dedupe = dedupe_key or slot_key(action.id, slot)
     return {
@@ -447,7 +449,7 @@ def _new_record(
         "action_id": action.id,
         "scheduled_for": slot,
         "trigger": trigger,
-        "definition": definition_of(action),
+        "definition": definition if definition is not None else definition_of(action),
         "status": status,
         "attempt": 0,
         "publish_count": 0,
