@@ -58,7 +58,7 @@ class Sweeper:
         probe = self.sweeps.probe(
             now, grace_s=settings.pending_grace_s, heartbeat_timeout_s=settings.run_lease_ttl_s
         )
-        dispatches = []
+        dispatches: list[Dispatch] = []
         if probe.stale_queued:
             dispatches = self.sweeps.stale_queued(
                 now, grace_s=settings.pending_grace_s, limit=SWEEP_LIMIT
@@ -80,7 +80,7 @@ class Sweeper:
         """Recover the running records whose worker is gone; the dispatches to re-publish."""
         ttl_s = self.settings.run_lease_ttl_s
         stale_before = now - timedelta(seconds=ttl_s)
-        dispatches = []
+        dispatches: list[Dispatch] = []
         for stale in self.sweeps.stale_running(now, heartbeat_timeout_s=ttl_s, limit=SWEEP_LIMIT):
             if self.lease_alive(stale.record_id):
                 continue  # its worker still renews the lease: cut off from the database
