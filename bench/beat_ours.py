@@ -97,12 +97,14 @@ def explain(engine: Engine, statement: str, params: Any) -> list[str]:
 
 def explain_tick_queries(scheduler: DatabaseScheduler, engine: Engine) -> dict[str, list[str]]:
     """The plans of ``next_due_at`` (every tick) and of the due query (ticks with work due)."""
-    with captured_sql(engine) as seen:
+    # The tick's own read goes through the scheduler's reads engine, when it has one.
+    reads = getattr(getattr(scheduler, "stores", None), "reads", None) or engine
+    with captured_sql(engine) as seen, captured_sql(reads) as seen_reads:
         scheduler.tick()
         # An idle tick skips the due query (next_due_at says nothing is due); issue it too.
         scheduler.engine.dispatch_due(datetime.now(UTC))
     plans: dict[str, list[str]] = {}
-    for statement, params in seen:
+    for statement, params in seen + seen_reads:
         if DUE_QUERY_MARK in statement:
             plans["due_query"] = explain(engine, statement, params)
         elif NEXT_DUE_MARK in statement:

@@ -10,8 +10,13 @@ from celery import Celery
 from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown
 from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import configure_mappers
 
 from gathering_tasks import metrics, runtime
+from gathering_tasks.errors import GatheringError
+from gathering_tasks.keys import POOL_START_MARGIN_S
+from gathering_tasks.kinds import KINDS, resolve
 from gathering_tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -29,6 +34,12 @@ def worker_queues(settings: Settings) -> tuple[Queue, ...]:
         names.append(CELERY_DEFAULT_QUEUE)
     # Each queue bound to its own direct exchange: what a plain client declares for it.
     return tuple(Queue(n, Exchange(n), routing_key=n) for n in names)  # type: ignore[no-untyped-call]
+
+
+def pool_start_timeout_s(settings: Settings) -> float:
+    """How long the worker waits for a new pool process (see :func:`_open_connections`)."""
+    timeouts = settings.db_timeouts
+    return timeouts.connect_s + timeouts.statement_s + POOL_START_MARGIN_S
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -66,6 +77,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # A pool process opens its database connection before it reports for work: the
+        # wait for it covers a connect and the schema check, each within its own bound.
+        "worker_proc_alive_timeout": pool_start_timeout_s(settings),
         # Our tasks, then the user's modules (GATHERING_IMPORTS): handlers and Celery tasks.
         "imports": ("gathering_tasks.tasks", *settings.imports),
     }
@@ -109,6 +123,18 @@ def _worker_transport(conf: Any, **_kwargs: Any) -> None:
         conf.broker_transport = f"{__name__}:RedisTransport"
 
 
+def _worker_preload(**_kwargs: Any) -> None:
+    """Before the pool forks, import what a pool process executes and configure the ORM.
+
+    Done lazily instead, every pool process paid it on its first task (~0.1 s of CPU each,
+    all of them at once on a worker's first burst): the first slots ran a second late.
+    Imports only, no connection: the pool's processes inherit them through fork.
+    """
+    for entry in KINDS.values():
+        resolve(entry.executor)
+    configure_mappers()
+
+
 def _worker_metrics(**_kwargs: Any) -> None:
     # Before the pool forks: its processes inherit where to write their samples.
     metrics.serve_worker()
@@ -121,9 +147,24 @@ def _pool_process_exited(pid: int, **_kwargs: Any) -> None:
 def _after_fork(**_kwargs: Any) -> None:
     # Pooled DB and Redis connections must not be shared across a fork.
     runtime.reset(after_fork=True)
+    _open_connections()
+
+
+def _open_connections() -> None:
+    """Connect this pool process to the database before its first task.
+
+    Left to the first task, the connect and the schema check landed on the first slots'
+    runs, every pool process at once when a worker takes its first burst. A database that
+    cannot be reached now is the first task's to report.
+    """
+    try:
+        runtime.repository()
+    except (SQLAlchemyError, GatheringError, OSError) as exc:
+        log.warning("pool process started without a database connection: %s", exc)
 
 
 celeryd_init.connect(_worker_transport, weak=False)
+celeryd_init.connect(_worker_preload, weak=False)
 celeryd_init.connect(_worker_metrics, weak=False)
 worker_process_shutdown.connect(_pool_process_exited, weak=False)
 worker_process_init.connect(_after_fork, weak=False)

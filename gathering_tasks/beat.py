@@ -1,8 +1,11 @@
 """The database-backed Celery beat scheduler.
 
-Each tick the leader runs one indexed due query, claims every due slot (run row inserted and
-``next_run_at`` advanced in one transaction), and publishes after commit. Replicas that are not
-the leader only try to take the lease. The leader also runs the recovery sweeper.
+Each tick the leader extends its lease (one Redis round trip) and reads the earliest
+``next_run_at`` with the database clock (one PostgreSQL round trip, on a connection kept in
+autocommit for it). Only when that is due does it claim every due slot (run row inserted and
+``next_run_at`` advanced in one transaction), and it publishes after commit. Replicas that are
+not the leader only try to take the lease. The leader also runs the recovery sweeper, whose
+sweep with nothing to do is one more read.
 
 Use it with ``celery -A gathering_tasks beat`` (it is the app's default) or
 ``-S gathering_tasks.beat:DatabaseScheduler``.
@@ -15,9 +18,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from celery.beat import Scheduler
 from kombu.exceptions import BatchPublishError
@@ -27,11 +30,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gathering_tasks import keys, metrics, runtime
 from gathering_tasks.clock import utcnow
-from gathering_tasks.db.claims import DueAction, SlotPlan
+from gathering_tasks.db.claims import DueAction, SlotClaims, SlotPlan
+from gathering_tasks.db.engine import reads_engine
 from gathering_tasks.db.ledger import Dispatch
-from gathering_tasks.db.repo import Repository
+from gathering_tasks.db.pipelines import PipelineStore
+from gathering_tasks.db.sweeps import Sweeps
 from gathering_tasks.errors import InvalidInput
-from gathering_tasks.keys import MIN_SLEEP_S
+from gathering_tasks.keys import MIN_SLEEP_S, SCHEDULE_CACHE_SIZE
 from gathering_tasks.locks import Lease
 from gathering_tasks.publish import publish
 from gathering_tasks.schedules import (
@@ -53,18 +58,22 @@ TRANSIENT = (SQLAlchemyError, RedisError, BrokerError, BatchPublishError, OSErro
 
 
 class SlotPlanner:
-    """Turns a due action row into a :class:`SlotPlan`, caching parsed schedules."""
+    """Turns a due action row into a :class:`SlotPlan`, caching parsed schedules.
+
+    Schedules are cached by what they say, not by action: the actions that share an
+    expression and a time zone (or a period and an anchor) share one parsed schedule.
+    """
 
     def __init__(self, now: datetime) -> None:
         self.now = now
-        self._cache: dict[tuple[int, str], Schedule] = {}
+        self._cache: dict[Hashable, Schedule] = {}
 
     def schedule(self, action: DueAction) -> Schedule:
-        key = (action.id, json.dumps(action.schedule, sort_keys=True))
+        key = _schedule_key(action)
         parsed = self._cache.get(key)
         if parsed is None:
             parsed = parse_schedule(action.schedule, now=action.next_run_at)
-            if len(self._cache) > 10_000:
+            if len(self._cache) > SCHEDULE_CACHE_SIZE:
                 self._cache.clear()
             self._cache[key] = parsed
         return parsed
@@ -107,13 +116,57 @@ class SlotPlanner:
         )
 
 
+def _schedule_key(action: DueAction) -> Hashable:
+    """What a stored schedule parses from: its fields (an interval without an anchor is
+    anchored at the action's own next slot, so that slot is part of its key)."""
+    spec = action.schedule
+    fields: Hashable
+    try:
+        fields = tuple(sorted(spec.items()))
+        hash(fields)
+    except TypeError:  # an odd stored value (a list, say): parse_schedule will judge it
+        fields = (json.dumps(spec, sort_keys=True, default=str),)
+    if spec.get("kind") == "interval" and "anchor" not in spec:
+        return (fields, action.next_run_at)
+    return fields
+
+
+class BeatStores(Protocol):
+    """The stores beat works with (a :class:`~gathering_tasks.db.repo.Repository` has them)."""
+
+    @property
+    def claims(self) -> SlotClaims: ...
+
+    @property
+    def sweeps(self) -> Sweeps: ...
+
+    @property
+    def pipelines(self) -> PipelineStore: ...
+
+
+class _Stores:
+    """Beat's own stores over the process's repository: its every-tick reads (the due
+    lookup, the sweeper's probe) go through an engine of their own (``reads``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        repo = runtime.repository()
+        self.reads = reads_engine(settings.database_url, settings.db_timeouts)
+        self.pipelines = repo.pipelines
+        self.claims = SlotClaims(repo.factory, reads=self.reads)
+        self.sweeps = Sweeps(repo.factory, progress=repo.pipelines, reads=self.reads)
+
+    def close(self) -> None:
+        if self.reads is not None:
+            self.reads.dispose()
+
+
 class BeatEngine:
     """One beat replica's work, without Celery: lead, claim, publish, sweep."""
 
     def __init__(
         self,
         settings: Settings,
-        repo: Repository,
+        repo: BeatStores,
         lease: Lease,
         app: Any,
         *,
@@ -188,20 +241,21 @@ class BeatEngine:
         now = self.clock()
         claims = self.repo.claims
         try:
-            # One index lookup decides whether the (locking, transactional) claim is needed.
-            upcoming = claims.next_due_at()
-            if upcoming is not None and upcoming <= now:
+            # One read decides whether the (locking, transactional) claim is needed, and
+            # brings the database clock the sweeper judges heartbeats by.
+            state = claims.tick_state()
+            if state.next_due_at is not None and state.next_due_at <= now:
                 self.dispatch_due(now)
-                upcoming = claims.next_due_at()
+                state = claims.tick_state()
             if self.is_leader and time.monotonic() >= self._next_sweep:
                 self._next_sweep = time.monotonic() + self.settings.sweep_interval_s
-                self.sweep()
+                self.sweep(state.db_now)
         except TRANSIENT as exc:
             log.error("beat tick failed, will retry: %s", exc)
             return tick_s
-        if upcoming is None:
+        if state.next_due_at is None:
             return tick_s
-        wait_s = (upcoming - self.clock()).total_seconds()
+        wait_s = (state.next_due_at - self.clock()).total_seconds()
         return max(MIN_SLEEP_S, min(tick_s, wait_s))
 
     def _publish(self, dispatches: list[Dispatch]) -> int:
@@ -221,6 +275,7 @@ class DatabaseScheduler(Scheduler):  # type: ignore[misc]
     """Celery beat scheduler that reads action schedules from the database."""
 
     engine: BeatEngine
+    stores: _Stores
 
     def setup_schedule(self) -> None:
         settings = runtime.settings()
@@ -238,8 +293,9 @@ class DatabaseScheduler(Scheduler):  # type: ignore[misc]
             except RedisError:
                 return False  # no Redis, no lease to trust: the database heartbeat decides
 
+        self.stores = _Stores(settings)
         self.engine = BeatEngine(
-            settings, runtime.repository(), lease, self.app, run_lease_alive=run_lease_alive
+            settings, self.stores, lease, self.app, run_lease_alive=run_lease_alive
         )
         self.max_interval = settings.beat_tick_s
         metrics.serve_beat()
@@ -253,7 +309,9 @@ class DatabaseScheduler(Scheduler):  # type: ignore[misc]
 
     def close(self) -> None:
         self.engine.stop()
+        self.stores.close()
 
     @property
     def info(self) -> str:
+        # Celery reads this from a scheduler it never sets up (lazy=True): no self.stores.
         return f"    . db -> {runtime.repository().dialect} (leader lease via Redis)"

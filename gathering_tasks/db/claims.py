@@ -5,21 +5,41 @@ advances each action's ``next_run_at`` in the same transaction, so a replayed ti
 beat can never create a second record for a slot. The caller publishes after commit. One claim
 transaction holds at most ``slot_budget`` slots, so a long outage is caught up in bounded
 transactions, between which the leader re-checks its lease.
+
+On PostgreSQL a claim's records go in as one ``INSERT ... SELECT FROM unnest(arrays)`` and its
+actions advance in one ``UPDATE ... FROM unnest(arrays)``: a statement each, whatever the batch
+size, where row-by-row statements cost the server a parse and a plan per row.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    Engine,
+    Integer,
+    Row,
+    String,
+    bindparam,
+    cast,
+    column,
+    func,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session, sessionmaker
 
+from gathering_tasks.db.engine import read_rows
 from gathering_tasks.db.ledger import (
     UNFINISHED,
     Dispatch,
@@ -30,6 +50,7 @@ from gathering_tasks.db.ledger import (
 )
 from gathering_tasks.db.models import Base, Execution, ScheduledAction
 from gathering_tasks.db.sql import Sql
+from gathering_tasks.db.types import UtcDateTime
 from gathering_tasks.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -63,6 +84,14 @@ class SlotPlan:
 
 
 Planner = Callable[[DueAction], SlotPlan]
+
+
+@dataclass(frozen=True)
+class TickState:
+    """What beat reads every tick, in one round trip."""
+
+    next_due_at: datetime | None  # the earliest next_run_at of an active action
+    db_now: datetime  # the database clock (SQLite: the host clock)
 
 
 @dataclass
@@ -115,7 +144,21 @@ _DUE_COLUMNS = (
 
 
 class SlotClaims(Sql):
-    """Beat's claims of due slots, and triggers outside the schedule."""
+    """Beat's claims of due slots, and triggers outside the schedule.
+
+    ``reads`` (:func:`~gathering_tasks.db.engine.reads_engine`) serves :meth:`tick_state`,
+    beat's read of every tick; without it, that read takes a session like any other.
+    """
+
+    def __init__(self, factory: sessionmaker[Session], *, reads: Engine | None = None) -> None:
+        super().__init__(factory)
+        self.reads: Engine = reads or factory.kw["bind"]
+        a = ScheduledAction
+        # The database clock comes along, for the sweeper (SQLite: the host's, in Python).
+        columns: list[Any] = [func.min(a.next_run_at)]
+        if self.dialect == "postgresql":
+            columns.append(self.now())
+        self._tick = select(*columns).where(a.status == "active")
 
     def claim_due(
         self, now: datetime, *, limit: int, slot_budget: int, plan: Planner
@@ -152,6 +195,7 @@ class SlotClaims(Sql):
         batch = ClaimBatch()
         records: list[dict[str, Any]] = []
         decided: list[tuple[Row[Any], SlotPlan, bool]] = []
+        definitions: dict[int, dict[str, Any]] = {}  # one snapshot per action, for all its slots
         for row in rows:
             is_busy = row.id in busy
             # A busy action's slots are recorded as skipped: they are not runs, so they
@@ -161,21 +205,20 @@ class SlotClaims(Sql):
                 batch.more = True  # the rest stays due for the next transaction
                 break
             status = "skipped" if is_busy else "pending"
+            definition = definitions[row.id] = definition_of(row)
             records += [
-                _new_record(row, slot, trig, status, now) for slot, trig in slot_plan.run_slots
+                _new_record(row, slot, trig, status, now, definition=definition)
+                for slot, trig in slot_plan.run_slots
             ]
             decided.append((row, slot_plan, is_busy))
         inserted = self._insert(session, records)
         accepted = Counter(action_id for _rid, action_id, st, _slot in inserted if st == "pending")
-        session.execute(
-            update(ScheduledAction),
-            [_advance(row, p, busy_, accepted[row.id], now) for row, p, busy_ in decided],
+        self._advance_all(
+            session, [_advance(row, p, busy_, accepted[row.id], now) for row, p, busy_ in decided]
         )
-        by_id = {row.id: row for row, _p, _b in decided}
+        kinds = {row.id: row.action_type for row, _p, _b in decided}
         batch.dispatches = [
-            dispatch_for(
-                rid, by_id[aid].action_type, definition_of(by_id[aid]), slot=slot, attempt=1
-            )
+            dispatch_for(rid, kinds[aid], definitions[aid], slot=slot, attempt=1)
             for rid, aid, st, slot in inserted
             if st == "pending"
         ]
@@ -187,23 +230,40 @@ class SlotClaims(Sql):
     ) -> list[tuple[int, int, str, datetime]]:
         if not records:
             return []
-        table = Base.metadata.tables[Execution.__tablename__]
-        stmt = (
-            self.insert(table)
-            .on_conflict_do_nothing(index_elements=[table.c.dedupe_key])
-            .returning(table.c.id, table.c.action_id, table.c.status, table.c.scheduled_for)
-        )
-        # executemany: one cached statement, sent as batched multi-row INSERTs.
-        result = session.connection().execute(stmt, records)
+        if self.dialect == "postgresql":
+            params = {**_columns_of(records, _RECORD_ARRAYS), "v_now": records[0]["created_at"]}
+            # psycopg2 adapts no dict inside an array: the JSON goes as text, cast by the server
+            params["v_definition"] = [json.dumps(d) for d in params["v_definition"]]
+            result = session.connection().execute(_INSERT_UNNEST, params)
+        else:
+            table = _EXECUTIONS
+            stmt = (
+                self.insert(table)
+                .on_conflict_do_nothing(index_elements=[table.c.dedupe_key])
+                .returning(table.c.id, table.c.action_id, table.c.status, table.c.scheduled_for)
+            )
+            # executemany: one cached statement, sent as batched multi-row INSERTs.
+            result = session.connection().execute(stmt, records)
         return [(row[0], row[1], row[2], row[3]) for row in result]
+
+    def _advance_all(self, session: Session, values: list[dict[str, Any]]) -> None:
+        if self.dialect == "postgresql":
+            params = {**_columns_of(values, _ADVANCE_ARRAYS), "v_now": values[0]["updated_at"]}
+            session.connection().execute(_ADVANCE_UNNEST, params)
+        else:
+            session.execute(update(ScheduledAction), values)
+
+    def tick_state(self) -> TickState:
+        """The earliest ``next_run_at`` of an active action (an index lookup) and the
+        database clock, in one read (PostgreSQL: one round trip on ``reads``)."""
+        row = read_rows(self.reads, self._tick)[0]
+        if self.dialect == "postgresql":
+            return TickState(next_due_at=row[0], db_now=row[1])
+        return TickState(next_due_at=row[0], db_now=datetime.now(UTC))
 
     def next_due_at(self) -> datetime | None:
         """The earliest ``next_run_at`` of an active action (an index lookup)."""
-        a = ScheduledAction
-        stmt = select(func.min(a.next_run_at)).where(a.status == "active")
-        with self.factory() as session:
-            value: datetime | None = session.execute(stmt).scalar_one_or_none()
-        return value
+        return self.tick_state().next_due_at
 
     def trigger(
         self, name: str, *, now: datetime, trigger: str = "manual", key: str | None = None
@@ -233,6 +293,86 @@ class SlotClaims(Sql):
                 select(e.id, e.kind, e.definition, e.status).where(e.dedupe_key == dedupe)
             ).one()
             return dispatch_for(existing.id, existing.kind, existing.definition), existing.status
+
+
+_EXECUTIONS = Base.metadata.tables[Execution.__tablename__]
+_ACTIONS = Base.metadata.tables[ScheduledAction.__tablename__]
+
+# A record's columns that vary per row, as arrays; the rest are constants of the insert.
+_RECORD_ARRAYS: dict[str, Any] = {
+    "kind": String,
+    "dedupe_key": String,
+    "idempotency_key": String,
+    "action_id": Integer,
+    "scheduled_for": UtcDateTime,
+    "trigger": String,
+    "definition": JSONB,
+    "status": String,
+    "finished_at": UtcDateTime,
+}
+# An action's new state, as arrays; ``updated_at`` is one value for all.
+_ADVANCE_ARRAYS: dict[str, Any] = {
+    "id": Integer,
+    "next_run_at": UtcDateTime,
+    "status": String,
+    "run_count": Integer,
+    "skipped_slots": Integer,
+    "last_run_at": UtcDateTime,
+}
+
+
+def _unnest(arrays: dict[str, Any]) -> Any:
+    """``unnest(CAST(:v_name AS type[]), ...) AS v(name, ...)``: one bound array per column
+    (bound names differ from the columns': an insert or update reserves those)."""
+    return (
+        func.unnest(*[cast(bindparam(f"v_{name}"), ARRAY(type_)) for name, type_ in arrays.items()])
+        .table_valued(*[column(name, type_) for name, type_ in arrays.items()])
+        .render_derived()
+    )
+
+
+def _insert_unnest() -> Any:
+    e, v = _EXECUTIONS, _unnest(_RECORD_ARRAYS)
+    constants = {
+        "attempt": literal(0),
+        "publish_count": literal(0),
+        "created_at": bindparam("v_now", type_=UtcDateTime),
+        "updated_at": bindparam("v_now", type_=UtcDateTime),
+    }
+    names = [*_RECORD_ARRAYS, *constants]
+    rows = select(*[v.c[name] for name in _RECORD_ARRAYS], *constants.values())
+    return (
+        pg_insert(e)
+        .from_select(names, rows)
+        .on_conflict_do_nothing(index_elements=[e.c.dedupe_key])
+        .returning(e.c.id, e.c.action_id, e.c.status, e.c.scheduled_for)
+    )
+
+
+def _advance_unnest() -> Any:
+    a, v = _ACTIONS, _unnest(_ADVANCE_ARRAYS)
+    return (
+        update(a)
+        .where(a.c.id == v.c.id)
+        .values(
+            next_run_at=v.c.next_run_at,
+            status=v.c.status,
+            run_count=v.c.run_count,
+            skipped_slots=v.c.skipped_slots,
+            # an action that ran no slot this time keeps its last run
+            last_run_at=func.coalesce(v.c.last_run_at, a.c.last_run_at),
+            updated_at=bindparam("v_now", type_=UtcDateTime),
+        )
+    )
+
+
+_INSERT_UNNEST = _insert_unnest()
+_ADVANCE_UNNEST = _advance_unnest()
+
+
+def _columns_of(rows: list[dict[str, Any]], arrays: dict[str, Any]) -> dict[str, list[Any]]:
+    """Rows as one list per column: the parameters of an unnest statement."""
+    return {f"v_{name}": [row.get(name) for row in rows] for name in arrays}
 
 
 def _busy_actions(session: Session, action_ids: Sequence[int]) -> set[int]:
@@ -299,6 +439,7 @@ def _new_record(
     now: datetime,
     *,
     dedupe_key: str | None = None,
+    definition: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     dedupe = dedupe_key or slot_key(action.id, slot)
     return {
@@ -308,7 +449,7 @@ def _new_record(
         "action_id": action.id,
         "scheduled_for": slot,
         "trigger": trigger,
-        "definition": definition_of(action),
+        "definition": definition if definition is not None else definition_of(action),
         "status": status,
         "attempt": 0,
         "publish_count": 0,

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Engine, Executable, Row, create_engine, event, exc
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -93,7 +94,7 @@ def make_engine(database_url: str, timeouts: DbTimeouts | None = None, **kwargs:
         kwargs.setdefault("executemany_mode", "values_plus_batch")
         kwargs.setdefault("executemany_batch_page_size", 500)
     engine = create_engine(url, **kwargs)
-    if not kwargs.get("pool_pre_ping"):
+    if "pool_pre_ping" not in kwargs:  # a caller's explicit choice (True, or never) stands
         _ping_when_idle(engine, PING_AFTER_IDLE_S)
     return engine
 
@@ -125,6 +126,45 @@ def _ping_when_idle(engine: Engine, idle_s: float) -> None:
         except engine.dialect.loaded_dbapi.Error as error:
             # The pool drops this connection and checks out another (a fresh one).
             raise exc.DisconnectionError(str(error)) from error
+
+
+def reads_engine(database_url: str, timeouts: DbTimeouts | None = None) -> Engine | None:
+    """An engine for the statements a loop reads every tick (beat), PostgreSQL only.
+
+    Its connections are in autocommit and are not pinged on checkout: a tick's read is then
+    one round trip, where a pooled session costs a ``SELECT 1``, a ``BEGIN`` and a
+    ``ROLLBACK`` around it. A connection found dead is retried (:func:`read_rows`). Writes
+    never go through it. None for SQLite, which is in-process: nothing to save there.
+    """
+    if make_url(database_url).get_backend_name() == "sqlite":
+        return None
+    return make_engine(
+        database_url,
+        timeouts,
+        isolation_level="AUTOCOMMIT",
+        pool_pre_ping=False,
+        pool_size=1,
+        max_overflow=1,
+    )
+
+
+def read_rows(
+    engine: Engine, stmt: Executable, params: Mapping[str, Any] | None = None
+) -> Sequence[Row[*tuple[Any, ...]]]:
+    """Run one read on a pooled connection of ``engine``; once more if it was dead.
+
+    Without a pre-ping a pooled connection that the server dropped (a restart, an idle
+    timeout) is found by its first statement; the pool replaces it, and the read is repeated
+    on the new one. A second failure is the caller's.
+    """
+    try:
+        with engine.connect() as conn:
+            return conn.execute(stmt, params).all()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    with engine.connect() as conn:
+        return conn.execute(stmt, params).all()
 
 
 _FACTORIES: dict[str, sessionmaker[Session]] = {}

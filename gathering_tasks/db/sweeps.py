@@ -2,6 +2,9 @@
 
 Works on every ledger record, whatever its kind. ``now`` is the database clock
 (:meth:`Sweeps.read_now`), the same clock the heartbeats were written with.
+
+A sweep starts with :meth:`Sweeps.probe`: one read that says which jobs have work. The
+common answer is "none", and then the sweep costs that one round trip.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import ColumnElement, Engine, and_, bindparam, delete, exists, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from gathering_tasks.db.engine import read_rows
 from gathering_tasks.db.ledger import FINAL, Dispatch, Progress, close_attempt, dispatch_for
-from gathering_tasks.db.models import Execution
+from gathering_tasks.db.models import Execution, PipelineRun
 from gathering_tasks.db.sql import Sql
+from gathering_tasks.db.types import UtcDateTime
 from gathering_tasks.keys import MAX_REPUBLISH_DOUBLINGS
 
 
@@ -30,12 +35,45 @@ class StaleRecord:
     retry_max_attempts: int
 
 
-class Sweeps(Sql):
-    """Recovery and retention over the whole ledger."""
+@dataclass(frozen=True)
+class SweepProbe:
+    """Which of the sweeper's jobs have work now (:meth:`Sweeps.probe`)."""
 
-    def __init__(self, factory: sessionmaker[Session], *, progress: Progress | None = None) -> None:
+    stale_queued: bool  # a record queued past the grace, its message presumably lost
+    stale_running: bool  # a running record whose heartbeat stopped
+    overdue_pipelines: bool  # a pipeline run past its deadline
+
+
+class Sweeps(Sql):
+    """Recovery and retention over the whole ledger.
+
+    ``reads`` (:func:`~gathering_tasks.db.engine.reads_engine`) serves :meth:`probe`, the
+    read of every sweep; without it, the probe takes a connection like any other read.
+    """
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        *,
+        progress: Progress | None = None,
+        reads: Engine | None = None,
+    ) -> None:
         super().__init__(factory)
         self.progress = progress
+        self.reads: Engine = reads or factory.kw["bind"]
+
+    def probe(self, now: datetime, *, grace_s: float, heartbeat_timeout_s: float) -> SweepProbe:
+        """Whether :meth:`stale_queued`, :meth:`stale_running` and the pipelines' deadlines
+        would find anything at ``now``: one read of three index lookups."""
+        params = {
+            "p_now": now,
+            "p_queued_before": now - timedelta(seconds=grace_s),
+            "p_stale_before": now - timedelta(seconds=heartbeat_timeout_s),
+        }
+        row = read_rows(self.reads, _PROBE, params)[0]
+        return SweepProbe(
+            stale_queued=bool(row[0]), stale_running=bool(row[1]), overdue_pipelines=bool(row[2])
+        )
 
     def stale_queued(self, now: datetime, *, grace_s: float, limit: int) -> list[Dispatch]:
         """Records queued but never started past ``grace_s`` (a publish lost after commit).
@@ -45,14 +83,7 @@ class Sweeps(Sql):
         merely slow to drain is not flooded with copies every sweep.
         """
         e = Execution
-        cutoff = now - timedelta(seconds=grace_s)
-        stale = and_(
-            e.updated_at < cutoff,
-            or_(e.republish_at.is_(None), e.republish_at < now),
-            e.status.in_(("pending", "retrying")),
-            # a retry's backoff or a delay's countdown still running is not a lost message
-            or_(e.retry_at.is_(None), e.retry_at < cutoff),
-        )
+        stale = _stale_queued(now - timedelta(seconds=grace_s), now)
         # The common case is "nothing stale": answer it with a plain read, and take the
         # write lock (BEGIN IMMEDIATE on SQLite) only when there is work.
         with self.factory() as session:
@@ -78,10 +109,9 @@ class Sweeps(Sql):
     ) -> list[StaleRecord]:
         """Records ``running`` whose heartbeat is older than ``heartbeat_timeout_s``."""
         e = Execution
-        cutoff = now - timedelta(seconds=heartbeat_timeout_s)
         stmt = (
             select(e.id, e.attempt, e.started_at, e.definition)
-            .where(e.status == "running", e.heartbeat_at < cutoff)
+            .where(_stale_running(now - timedelta(seconds=heartbeat_timeout_s)))
             .order_by(e.id)
             .limit(limit)
         )
@@ -172,6 +202,37 @@ class Sweeps(Sql):
         with self.write_tx() as session:
             result = session.execute(delete(e).where(e.id.in_(doomed)))
             return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _stale_queued(cutoff: Any, now: Any) -> ColumnElement[bool]:
+    """Queued since before ``cutoff``, not backing off at ``now``, not waiting on purpose."""
+    e = Execution
+    return and_(
+        e.updated_at < cutoff,
+        or_(e.republish_at.is_(None), e.republish_at < now),
+        e.status.in_(("pending", "retrying")),
+        # a retry's backoff or a delay's countdown still running is not a lost message
+        or_(e.retry_at.is_(None), e.retry_at < cutoff),
+    )
+
+
+def _stale_running(cutoff: Any) -> ColumnElement[bool]:
+    e = Execution
+    return and_(e.status == "running", e.heartbeat_at < cutoff)
+
+
+def _probe() -> Any:
+    now = bindparam("p_now", type_=UtcDateTime)
+    r = PipelineRun
+    return select(
+        exists().where(_stale_queued(bindparam("p_queued_before", type_=UtcDateTime), now)),
+        exists().where(_stale_running(bindparam("p_stale_before", type_=UtcDateTime))),
+        # PipelineStore.overdue_runs, asked whether there is any
+        exists().where(r.status == "running", r.deadline_at < now),
+    )
+
+
+_PROBE = _probe()
 
 
 def _republished(record_id: int, count: int, now: datetime, grace_s: float) -> dict[str, Any]:

@@ -112,3 +112,34 @@ def test_flower_refuses_exposure_without_auth():
         [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert with_auth.returncode == 0 and loopback.returncode == 0
+
+
+def test_a_worker_imports_its_executors_before_the_pool_forks():
+    # Given a fresh interpreter that loaded the app and its tasks, as `celery worker` does
+    code = (
+        "import sys\n"
+        "from celery.signals import celeryd_init\n"
+        "from gathering_tasks.app import app\n"
+        "import gathering_tasks.tasks\n"
+        "from gathering_tasks.db.models import Execution\n"
+        "before = 'gathering_tasks.work' in sys.modules, Execution.__mapper__.configured\n"
+        "celeryd_init.send(sender='w@test', instance=None, conf=app.conf, options={})\n"
+        "print(before, ('gathering_tasks.work' in sys.modules, Execution.__mapper__.configured))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATHERING_")}
+    # When the worker's main process starts (celeryd_init, before the pool forks)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # Then the executors are imported and the ORM configured there, so that a pool process
+    # inherits both instead of paying for them on its first task
+    assert done.stdout.split("\n")[0] == "(False, False) (True, True)", done.stderr
+
+
+def test_a_pool_process_has_time_to_connect_before_it_is_given_up():
+    settings = Settings(db_connect_timeout_s=5, db_statement_timeout_s=5, run_lease_ttl_s=30)
+    assert celery_config(settings)["worker_proc_alive_timeout"] > 5 + 5
