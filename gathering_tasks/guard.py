@@ -293,6 +293,9 @@ class Report:
     error: str | None = None
     retry_delay_s: float | None = None
     detail: str | None = None  # why a delivery was dropped
+    # A follow-up record this process runs next itself instead of publishing it (the
+    # ``keep`` of :meth:`ExecutionGuard.run` chose it); it is recorded ``pending``.
+    next: Dispatch | None = None
 
 
 @dataclass
@@ -331,9 +334,22 @@ class ExecutionGuard:
         return self.run(record_id, kind, executor, worker=worker, task_id=task_id).status
 
     def run(
-        self, record_id: int, kind: str, executor: Executor, *, worker: str, task_id: str | None
+        self,
+        record_id: int,
+        kind: str,
+        executor: Executor,
+        *,
+        worker: str,
+        task_id: str | None,
+        keep: Callable[[Dispatch], bool] | None = None,
     ) -> Report:
-        """Like :meth:`execute`, with what the task needs to tell Celery what happened."""
+        """Like :meth:`execute`, with what the task needs to tell Celery what happened.
+
+        ``keep``: of the follow-ups the outcome made ready (a pipeline's next nodes), the
+        first it accepts is not published but returned as ``Report.next``, for the caller to
+        run in this process. It is committed ``pending`` like the others: if this process
+        dies before running it, the sweeper publishes it.
+        """
         extra = {"run_id": record_id, "kind": kind}
         lease = self._lease_for(record_id)
         if not lease.acquire():
@@ -355,8 +371,10 @@ class ExecutionGuard:
             lease.release()
         if verdict.retry_delay_s is not None and record is not None:
             self._publish_retry_of(record, verdict.retry_delay_s)
-        if verdict.followups:
-            self._publish_followups(verdict.followups)
+        kept = _kept(verdict.followups, keep)
+        others = [d for d in verdict.followups if d is not kept]
+        if others:
+            self._publish_followups(others)
         return Report(
             verdict.status,
             record_id,
@@ -364,6 +382,7 @@ class ExecutionGuard:
             attempt=record.attempt,
             error=verdict.error,
             retry_delay_s=verdict.retry_delay_s,
+            next=kept,
         )
 
     def _run(self, record: Record, executor: Executor, abort: _Abort) -> _Verdict:
@@ -492,6 +511,12 @@ class ExecutionGuard:
         except Exception as exc:
             # The record is ``retrying`` with its time: the sweeper re-publishes it.
             log.warning("retry publish failed: %s", describe_error(exc), extra=_extra(record))
+
+
+def _kept(dispatches: list[Dispatch], keep: Callable[[Dispatch], bool] | None) -> Dispatch | None:
+    if keep is None:
+        return None
+    return next((d for d in dispatches if keep(d)), None)
 
 
 def _extra(record: Record) -> dict[str, Any]:

@@ -230,6 +230,14 @@ class Settings(BaseSettings):
     pipeline_max_map_items: int = Field(
         default=1000, ge=1, description="Most items one `map` node may fan out to."
     )
+    pipeline_inline_budget_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="A worker that finishes a pipeline node and finds a successor ready runs "
+        "that one itself, with no broker round trip, while the task that brought the first "
+        "node has run under this many seconds (every other ready node is published). Each "
+        "node still is its own ledger record under its own lease. 0 publishes every node.",
+    )
 
     # HTTP skill (what each setting opens and never opens: docs/security.md). Entries take an
     # optional port or port range: 10.1.2.3:8443, 10.0.0.0/8:80-443, [::1]:8080,

@@ -61,7 +61,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("db_connect_timeout_s", "db_statement_timeout_s", "db_lock_timeout_s"),
     ),
     ("Actions and results", ("run_task_allowlist", "max_config_bytes", "max_result_bytes")),
-    ("Pipelines", ("pipeline_max_nodes", "pipeline_max_map_items")),
+    ("Pipelines", ("pipeline_max_nodes", "pipeline_max_map_items", "pipeline_inline_budget_s")),
     (
         "HTTP skill (docs/security.md)",
         (

@@ -11,6 +11,7 @@ PostgreSQL and SQLite, and ``gathering_tasks.db.memory.MemoryLedger`` in memory.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -228,6 +229,10 @@ class SqlLedger(Sql):
     def __init__(self, factory: sessionmaker[Session], *, progress: Progress | None = None) -> None:
         super().__init__(factory)
         self.progress = progress
+        # Attempts this process started and has not closed: their history and start, so
+        # that closing one is a single fenced UPDATE (no read of the row first).
+        self._opened: dict[tuple[int, int], _Opened] = {}
+        self._opened_lock = threading.Lock()
         # Built once: every delivery runs these two (and a running record one per pulse).
         self._start = self._start_statement()
         self._heartbeat = (
@@ -281,6 +286,9 @@ class SqlLedger(Sql):
                 e.scheduled_for,
                 e.pipeline_run_id,
                 e.node_id,
+                # What closing this attempt appends to (kept by :meth:`_opened_put`).
+                e.attempts,
+                e.started_at,
             )
         )
 
@@ -295,10 +303,21 @@ class SqlLedger(Sql):
             if row is None:
                 return _refusal(session, record_id, kind)
             record = record_of(record_id, kind, row, dict(row.definition))
+            self._opened_put(record_id, row.attempt, _Opened(row.attempts, row.started_at, worker))
             if self.progress is not None and record.pipeline_run_id is not None:
                 # A pipeline node: its context is read in the transaction that started it.
                 record = self.progress.prepare(session, record)
             return record
+
+    def _opened_put(self, record_id: int, attempt: int, opened: _Opened) -> None:
+        with self._opened_lock:
+            self._opened[(record_id, attempt)] = opened
+            while len(self._opened) > MAX_OPENED:  # attempts never closed here (taken over)
+                self._opened.pop(next(iter(self._opened)))
+
+    def _opened_pop(self, record_id: int, attempt: int) -> _Opened | None:
+        with self._opened_lock:
+            return self._opened.pop((record_id, attempt), None)
 
     def heartbeat(self, record_id: int, attempt: int) -> Pulse:
         """Record that the attempt's worker is alive, with the database clock."""
@@ -340,6 +359,7 @@ class SqlLedger(Sql):
                 status=status,
                 error=error,
                 values={"result": result, **finished},
+                opened=self._opened_pop(record_id, attempt),
             )
             if closed and node_of_run is not None and self.progress is not None:
                 ready = self.progress.advance_record(session, record_id)
@@ -358,6 +378,7 @@ class SqlLedger(Sql):
                 status="retrying",
                 error=error,
                 values={"retry_at": self.now(timedelta(seconds=delay_s))},
+                opened=self._opened_pop(record_id, attempt),
             )
 
     def state(self, record_id: int) -> tuple[int, str] | None:
@@ -474,11 +495,15 @@ def close_attempt(
     values: Mapping[str, Any],
     from_status: str = "running",
     stale_before: datetime | None = None,
+    opened: _Opened | None = None,
 ) -> bool:
     """End attempt ``attempt`` with ``status`` and append it to the record's history.
 
     Fenced by attempt and ``from_status``; with ``stale_before`` (the sweeper) also by the
     heartbeat still being older than that, so a heartbeat that landed since means alive.
+    ``opened``: the history and start the attempt's own ``start`` returned. While the fence
+    holds they are still the row's (only closing an attempt appends to its history, and that
+    moves it out of ``running``), so the row is not read first.
     """
     e = EX.c
     if stale_before is None and not any(isinstance(v, ClauseElement) for v in values.values()):
@@ -491,6 +516,7 @@ def close_attempt(
             error=error,
             values=values,
             from_status=from_status,
+            opened=opened if from_status == "running" else None,
         )
     fence = [e.id == record_id, e.attempt == attempt, e.status == from_status]
     if stale_before is not None:
@@ -510,6 +536,16 @@ def close_attempt(
 
 
 DB_NOW: Any = object()  # a value of close_attempt's ``values``: the database clock
+MAX_OPENED = 1024  # attempts a process remembers having started (it runs a few at a time)
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """What :func:`_history` needs of a row, as the attempt's ``start`` returned it."""
+
+    attempts: list[dict[str, Any]] | None
+    started_at: datetime | None
+    worker: str | None
 
 
 def _history(row: Any, attempt: int, status: str, error: str | None) -> list[dict[str, Any]]:
@@ -563,14 +599,17 @@ def _close_fast(
     error: str | None,
     values: Mapping[str, Any],
     from_status: str,
+    opened: _Opened | None = None,
 ) -> bool:
     shape = tuple(sorted((name, value is DB_NOW) for name, value in values.items()))
     select_, update_ = _close_statements(sql, shape)
     connection = session.connection()
     fence = {"p_id": record_id, "p_attempt": attempt, "p_from": from_status}
-    row = connection.execute(select_, fence).first()
+    row: Any = opened
     if row is None:
-        return False
+        row = connection.execute(select_, fence).first()
+        if row is None:
+            return False
     params = {
         **fence,
         **sql.clock_values(),
@@ -579,8 +618,7 @@ def _close_fast(
         "p_attempts": _history(row, attempt, status, error),
         **{f"p_{name}": value for name, value in values.items() if value is not DB_NOW},
     }
-    connection.execute(update_, params)
-    return True
+    return connection.execute(update_, params).rowcount == 1
 
 
 def _epoch_us(moment: datetime) -> int:

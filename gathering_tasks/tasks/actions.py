@@ -9,10 +9,11 @@ and does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery import Task
@@ -35,6 +36,7 @@ from gathering_tasks.errors import (
 from gathering_tasks.guard import Detached, ExecutionGuard, Executor, GuardConfig, Report
 from gathering_tasks.kinds import KINDS, resolve
 from gathering_tasks.locks import Lease
+from gathering_tasks.policy import describe_error
 from gathering_tasks.publish import publish
 
 log = logging.getLogger(__name__)
@@ -93,10 +95,81 @@ def _checked(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         raise
 
 
-def _execute(task: Task, kind_name: str, record_id: int) -> Report:
+def _executor(kind_name: str) -> Executor:
+    return _timed(resolve(KINDS[kind_name].executor))
+
+
+def _keeper(task: Task) -> Callable[[Dispatch], bool] | None:
+    """Which ready pipeline node this task may run next itself, without a broker round trip:
+    one routed to the queue the task came from, with no countdown and no time limit of its
+    own, while the task has run under ``pipeline_inline_budget_s``. None when the task's own
+    message carried time limits (they would go on ticking over the next node)."""
+    settings = runtime.settings()
+    budget_s = settings.pipeline_inline_budget_s
+    if budget_s <= 0 or any(task.request.timelimit or ()):
+        return None
+    queue = (task.request.delivery_info or {}).get("routing_key")
+    if not queue:
+        return None
+    deadline = time.monotonic() + budget_s
+    default_queue = settings.default_queue
+
+    def keep(dispatch: Dispatch) -> bool:
+        return (
+            dispatch.kind == "pipeline_node"
+            and not dispatch.countdown_s
+            and not dispatch.timeout_s
+            and (dispatch.queue or default_queue) == queue
+            and time.monotonic() < deadline
+        )
+
+    return keep
+
+
+def _execute(
+    task: Task, kind_name: str, record_id: int, keep: Callable[[Dispatch], bool] | None = None
+) -> Report:
     worker = task.request.hostname or socket.gethostname()
-    executor = _timed(resolve(KINDS[kind_name].executor))
-    return guard().run(record_id, kind_name, executor, worker=worker, task_id=task.request.id)
+    executor = _executor(kind_name)
+    return guard().run(
+        record_id, kind_name, executor, worker=worker, task_id=task.request.id, keep=keep
+    )
+
+
+def _run_here(task: Task, first: Dispatch, keep: Callable[[Dispatch], bool]) -> int:
+    """Run ``first`` (a ready pipeline node, recorded ``pending`` and not published) in this
+    task, then each next node it leaves ready that ``keep`` accepts. Each is its own ledger
+    record under its own lease, as if it came from its own message. Returns how many ran."""
+    worker = task.request.hostname or socket.gethostname()
+    ran = 0
+    dispatch: Dispatch | None = first
+    while dispatch is not None:
+        started = time.monotonic()
+        try:
+            report = guard().run(
+                dispatch.record_id,
+                dispatch.kind,
+                _executor(dispatch.kind),
+                worker=worker,
+                task_id=task.request.id,
+                keep=keep,
+            )
+        except Exception as exc:
+            # Not started, or its outcome not written: its message goes out after all (a
+            # delivery of a record that did start is dropped; the sweeper recovers that one).
+            log.warning(
+                "pipeline node run %d could not run here (%s); publishing it",
+                dispatch.record_id,
+                describe_error(exc),
+                extra={"run_id": dispatch.record_id},
+            )
+            with contextlib.suppress(Exception):
+                publish_one(dispatch)
+            return ran
+        metrics.ran(dispatch.kind, report.status, time.monotonic() - started)
+        ran += 1
+        dispatch = report.next
+    return ran
 
 
 def _describe(report: Report) -> str:
@@ -136,8 +209,16 @@ def _register(kind_name: str) -> Any:
     def run(self: Task, *args: Any, **kwargs: Any) -> str:
         _checked(self, args, kwargs)
         started = time.monotonic()
-        report = _execute(self, kind_name, args[0])
+        keep = _keeper(self)
+        report = _execute(self, kind_name, args[0], keep)
         metrics.ran(kind_name, report.status, time.monotonic() - started)
+        if report.next is not None and keep is not None:
+            ran = _run_here(self, report.next, keep)
+            log.info(
+                "ran %d next pipeline node(s) in this task",
+                ran,
+                extra={"run_id": report.record_id},
+            )
         return celery_outcome(report)
 
     run.__name__ = kind_name

@@ -622,3 +622,93 @@ def test_a_false_condition_skips_the_branch_not_taken_and_what_only_it_reaches(
     assert all(ran_once(node) for node in done["nodes"] if node["status"] != "skipped")
     assert nodes["end"]["output"] == {"small": {"sum": 6}}
     assert done["outputs"] == {"last": {"sum": 7}}
+
+
+def task_ids(repo: Repository, run_id: int) -> dict[str, str | None]:
+    """The Celery task that ran each node record of the run (the one its start recorded)."""
+    e = Execution
+    with repo.factory() as session:
+        rows = session.execute(
+            select(e.node_id, e.celery_task_id).where(e.pipeline_run_id == run_id)
+        ).all()
+    return {str(row.node_id): row.celery_task_id for row in rows}
+
+
+def chain_with_a_long_middle() -> dict[str, Any]:
+    retry = {"max_attempts": 2, "backoff_s": 0, "jitter": 0}
+    return {
+        "nodes": [
+            {"id": "start", "type": "trigger"},
+            action("first", add(1, 2)),
+            action("long", steps(600, later_count=1), retry=retry),
+            action("last", add("{{ nodes.first.output.sum }}", 10)),
+        ],
+        "edges": edges(("start", "first"), ("first", "long"), ("long", "last")),
+    }
+
+
+@POSTGRES_ONLY
+def test_a_worker_runs_the_next_node_of_a_chain_itself_and_a_kill_there_is_recovered(
+    db_url: str, redis_url: str, pipelines: PipelineService, client: redis.Redis, tmp_path: Path
+) -> None:
+    # Given a chain start -> first -> long -> last, and one worker
+    pipelines.create("chain-here", chain_with_a_long_middle())
+    with running_stack(stack_env(db_url, redis_url), tmp_path) as stack:
+        victim = stack.worker("victim", 1, *INCLUDE)
+        beat = stack.beat("b1")
+        ready(victim)
+        leading(beat)
+        run_id = pipelines.run("chain-here")
+        long_id = node_running(pipelines.repo, run_id, "long")
+        wait_for(lambda: steps_taken(client, long_id, 1) >= 1, RUN_S, "the long node to work")
+        # Then the nodes after the trigger came with no message of their own: the task that
+        # brought the trigger ran each next node itself (its start records that task)
+        carried = task_ids(pipelines.repo, run_id)
+        assert carried["start"] is not None
+        assert carried["first"] == carried["long"] == carried["start"]
+
+        # When that worker is SIGKILLed inside the node it took on itself
+        victim.kill()
+        ready(stack.worker("heir", 1, *INCLUDE))
+        done = ended(pipelines, run_id)
+
+    # Then the sweeper handed the node on (it had no message to come back), and the run
+    # completed with every node recorded once, the killed one on its second attempt
+    assert done["status"] == "succeeded", (done["error"], done["nodes"])
+    nodes = nodes_of(done)
+    assert history(nodes["long"]) == [(1, "pending"), (2, "succeeded")]
+    assert nodes["long"]["attempts"][0]["worker"].startswith("victim@")
+    assert nodes["long"]["worker"].startswith("heir@")
+    assert marks(client) == [mark(long_id, 2)]
+    assert [n for n in ("start", "first", "last") if not ran_once(nodes[n])] == []
+    assert nodes["last"]["output"] == {"sum": 13}
+
+
+@POSTGRES_ONLY
+def test_with_no_inline_budget_every_node_of_a_chain_comes_in_its_own_message(
+    db_url: str, redis_url: str, pipelines: PipelineService, tmp_path: Path
+) -> None:
+    # Given a chain of three quick nodes, and a worker with pipeline_inline_budget_s = 0
+    pipelines.create(
+        "chain-messages",
+        {
+            "nodes": [
+                {"id": "start", "type": "trigger"},
+                action("a", add(1, 2)),
+                action("b", add("{{ nodes.a.output.sum }}", 1)),
+            ],
+            "edges": edges(("start", "a"), ("a", "b")),
+        },
+    )
+    env = stack_env(db_url, redis_url, GATHERING_PIPELINE_INLINE_BUDGET_S="0")
+    with running_stack(env, tmp_path) as stack:
+        ready(stack.worker("w", 1, *INCLUDE))
+        # When the chain runs
+        done = ended(pipelines, pipelines.run("chain-messages"))
+        carried = task_ids(pipelines.repo, done["id"])
+
+    # Then it completed, each node started by a task of its own
+    assert done["status"] == "succeeded", done["error"]
+    assert nodes_of(done)["b"]["output"] == {"sum": 4}
+    assert None not in carried.values()
+    assert len(set(carried.values())) == 3

@@ -430,3 +430,49 @@ def test_a_node_that_keeps_failing_opens_its_circuit_and_fails_fast(
     assert all("this handler always fails" in e for e in errors[:2])
     assert "circuit open" in errors[2] and "this handler" not in errors[2]
     assert drain.executed.count("call") == 3
+
+
+def test_a_kept_follow_up_is_not_published_and_is_handed_back_to_run_here(
+    pipelines: PipelineService, drain: Drain
+):
+    # Given the diamond started, its trigger's message delivered
+    pipelines.create("diamond-kept", DIAMOND)
+    service = PipelineService(
+        pipelines.repo, pipelines.settings, task_allowed=lambda _n: True, publish=drain.publish
+    )
+    run_id = service.run("diamond-kept", {"x": 1})
+    trigger = drain.queue.popleft()
+    assert not drain.queue
+
+    # When the guard runs it with a ``keep`` that accepts the first pipeline node offered
+    offered: list[int] = []
+
+    def keep(dispatch: Dispatch) -> bool:
+        offered.append(dispatch.record_id)
+        return len(offered) == 1
+
+    report = drain.guard.run(
+        trigger.record_id,
+        trigger.kind,
+        drain._executor(trigger.kind),
+        worker="w",
+        task_id=None,
+        keep=keep,
+    )
+
+    # Then of the two branches made ready, the kept one is handed back (recorded pending)
+    # and only the other one is published
+    assert report.status == "succeeded"
+    assert report.next is not None and report.next.record_id == offered[0]
+    published = [d.record_id for d in drain.queue]
+    assert len(published) == 1 and published[0] != report.next.record_id
+    kept = pipelines.repo.ledger.get(report.next.record_id)
+    assert kept["status"] == "pending"
+    # and running it here, then draining the rest, completes the run once per node
+    drain.queue.appendleft(report.next)
+    drain.run()
+    result = service.get_run(run_id)
+    assert result["status"] == "succeeded"
+    assert Counter(drain.executed) == Counter(
+        {n: 1 for n in ("start", "left", "right", "both", "total")}
+    )
