@@ -208,8 +208,11 @@ def record_to_dict(row: Execution) -> dict[str, Any]:
 class Progress(Protocol):
     """What the ledger asks of pipelines when a record's outcome is written."""
 
-    def lock_run_of(self, session: Session, record_id: int) -> int | None:
+    def lock_run_of(self, session: Session, record_id: int) -> tuple[int, str] | None:
         """Lock the pipeline run of a node record (before the record's row): its id."""
+
+    def settled(self, node: tuple[int, str], status: str, result: dict[str, Any] | None) -> None:
+        """After commit: ``node`` (run id, node id) ended with ``status`` and ``result``."""
 
     def advance_record(self, session: Session, record_id: int) -> list[Dispatch]:
         """After a node's final outcome: the records that became ready."""
@@ -365,7 +368,9 @@ class SqlLedger(Sql):
                 ready = self.progress.advance_record(session, record_id)
                 if followups is not None:
                     followups.extend(ready)
-            return closed
+        if closed and node_of_run is not None and self.progress is not None:
+            self.progress.settled(node_of_run, status, result)
+        return closed
 
     def schedule_retry(self, record_id: int, attempt: int, *, delay_s: float, error: str) -> bool:
         """Park a failed attempt as ``retrying`` until ``delay_s`` from now (database clock)."""

@@ -10,14 +10,16 @@ neither enqueue a successor twice nor forget it.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from gathering_tasks.db.ledger import (
     FINAL,
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 FAILED = ("failed", "timed_out")
 _SPECS: dict[tuple[str, int, int], PipelineSpec] = {}
 MAX_CACHED_SPECS = 256
+MAX_SETTLED = 256  # final node states a process keeps (each output at most max_result_bytes)
 # session.info: the runs this transaction locked (by node record), and those it ended
 _LOCKED = "gathering.locked_runs"
 _ENDED = "gathering.ended_runs"
@@ -233,6 +236,12 @@ class PipelineStore(Sql):
     # A node attempt's recorded input is capped like results (runtime sets the setting).
     max_input_bytes = 16 * 1024
 
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        super().__init__(factory)
+        # (run id, node id) -> the final state of a node record this process ended
+        self._settled: dict[tuple[int, str], NodeState] = {}
+        self._settled_lock = threading.Lock()
+
     # -- definitions --------------------------------------------------------------------
 
     def create(self, name: str, spec: PipelineSpec, *, now: datetime) -> dict[str, Any]:
@@ -385,19 +394,42 @@ class PipelineStore(Sql):
         if spec.reads_trigger(node_id):
             data = session.connection().execute(_TRIGGER_DATA, {"p_run": run_id}).scalar()
             trigger = dict(data or {})
-        states = read_states(session, run_id, spec, spec.reads(node_id))
+        reads = spec.reads(node_id)
+        known = (
+            {}
+            if any(spec.node(n).type == "map" for n in reads)
+            else self._known(run_id, sorted(reads))
+        )
+        states = {**known, **read_states(session, run_id, spec, reads - known.keys())}
         return NodeContext(spec, states, trigger)
 
-    def lock_run_of(self, session: Session, record_id: int) -> int | None:
+    def lock_run_of(self, session: Session, record_id: int) -> tuple[int, str] | None:
         """The ledger's first hook: lock the run of a node record before its row (one
         statement; it locks only the run's row). What :meth:`advance_record` needs of the
-        run is kept with the transaction."""
+        run is kept with the transaction. Returns the run's id and the record's node id."""
         stmt = _LOCK_RUN_OF_PG if self.dialect == "postgresql" else _LOCK_RUN_OF
         row = session.connection().execute(stmt, {"p_id": record_id}).first()
         if row is None:
             return None
         session.info.setdefault(_LOCKED, {})[record_id] = (_run_info(row), row.node_id)
-        return int(row.id)
+        return int(row.id), str(row.node_id)
+
+    def settled(self, node: tuple[int, str], status: str, result: dict[str, Any] | None) -> None:
+        """The ledger's hook after the commit that gave a node record a final outcome: its
+        state is kept, so a next node started in this process reads it from here. A final
+        record's status and output never change again."""
+        if status not in FINAL:
+            return
+        # As the database gives it back (JSON), not the object the work returned.
+        stored = None if result is None else json.loads(json.dumps(result))
+        with self._settled_lock:
+            self._settled[node] = NodeState(status, stored)
+            while len(self._settled) > MAX_SETTLED:
+                self._settled.pop(next(iter(self._settled)))
+
+    def _known(self, run_id: int, names: list[str]) -> dict[str, NodeState]:
+        with self._settled_lock:
+            return {n: state for n in names if (state := self._settled.get((run_id, n)))}
 
     def advance_record(self, session: Session, record_id: int) -> list[Dispatch]:
         """The ledger's hook: after a final outcome of ``record_id``, if it is a node of a
@@ -577,7 +609,7 @@ def _dispatch_of(record_id: int, record: dict[str, Any]) -> Dispatch:
 
 
 def _states_of(rows: Any) -> dict[str, NodeState]:
-    return {row.node_id: NodeState(row.status, row.result) for row in rows if row.node_id}
+    return {node_id: NodeState(status, result) for node_id, status, result in rows if node_id}
 
 
 def node_states(
