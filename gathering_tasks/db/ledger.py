@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, cast
 
 from sqlalchemy import ClauseElement, Table, bindparam, func, or_, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
 from gathering_tasks.db.models import Execution, ScheduledAction
@@ -301,16 +302,28 @@ class SqlLedger(Sql):
         """Move a record ``pending|retrying -> running`` if it is of ``kind``."""
         params = {"p_id": record_id, "p_kind": kind, "p_worker": worker, "p_task_id": task_id}
         params.update(self.clock_values(skewed=timedelta(seconds=RETRY_CLOCK_SKEW_S)))
+        if kind != "pipeline_node":
+            # One statement: on PostgreSQL its own transaction, with no BEGIN or COMMIT.
+            with self.single_statement() as connection:
+                row = connection.execute(self._start, params).first()
+                if row is None:
+                    return _refusal(connection, record_id, kind)
+            return self._started(record_id, kind, row, worker)
         with self.write_tx() as session:
             row = session.connection().execute(self._start, params).first()
             if row is None:
                 return _refusal(session, record_id, kind)
-            record = record_of(record_id, kind, row, dict(row.definition))
-            self._opened_put(record_id, row.attempt, _Opened(row.attempts, row.started_at, worker))
+            record = self._started(record_id, kind, row, worker)
             if self.progress is not None and record.pipeline_run_id is not None:
                 # A pipeline node: its context is read in the transaction that started it.
                 record = self.progress.prepare(session, record)
             return record
+
+    def _started(self, record_id: int, kind: str, row: Any, worker: str) -> Record:
+        record = record_of(record_id, kind, row, dict(row.definition))
+        opened = _Opened(row.attempts, row.started_at, worker, node=row.pipeline_run_id is not None)
+        self._opened_put(record_id, row.attempt, opened)
+        return record
 
     def _opened_put(self, record_id: int, attempt: int, opened: _Opened) -> None:
         with self._opened_lock:
@@ -325,8 +338,8 @@ class SqlLedger(Sql):
     def heartbeat(self, record_id: int, attempt: int) -> Pulse:
         """Record that the attempt's worker is alive, with the database clock."""
         params = {"p_id": record_id, "p_attempt": attempt, **self.clock_values()}
-        with self.write_tx() as session:
-            row = session.connection().execute(self._heartbeat, params).first()
+        with self.single_statement() as connection:
+            row = connection.execute(self._heartbeat, params).first()
         if row is None:
             return Pulse(owned=False)
         return Pulse(owned=True, cancel_requested=row.cancel_requested_at is not None)
@@ -348,6 +361,21 @@ class SqlLedger(Sql):
         publish after commit.
         """
         finished = {"finished_at": DB_NOW} if status in FINAL else {}
+        opened = self._opened_pop(record_id, attempt)
+        if opened is not None and not opened.node:
+            # Not a pipeline node (its start said so): one fenced UPDATE, its own transaction.
+            with self.single_statement() as connection:
+                return _close_fast(
+                    self,
+                    connection,
+                    record_id=record_id,
+                    attempt=attempt,
+                    status=status,
+                    error=error,
+                    values={"result": result, **finished},
+                    from_status="running",
+                    opened=opened,
+                )
         with self.write_tx() as session:
             node_of_run = (
                 self.progress.lock_run_of(session, record_id)
@@ -362,7 +390,7 @@ class SqlLedger(Sql):
                 status=status,
                 error=error,
                 values={"result": result, **finished},
-                opened=self._opened_pop(record_id, attempt),
+                opened=opened,
             )
             if closed and node_of_run is not None and self.progress is not None:
                 ready = self.progress.advance_record(session, record_id)
@@ -479,7 +507,7 @@ class SqlLedger(Sql):
             return {status: count for status, count in session.execute(stmt).all()}
 
 
-def _refusal(session: Session, record_id: int, kind: str) -> StartRefused:
+def _refusal(session: Session | Connection, record_id: int, kind: str) -> StartRefused:
     e = Execution
     row = session.execute(select(e.kind, e.status).where(e.id == record_id)).first()
     if row is None:
@@ -551,6 +579,7 @@ class _Opened:
     attempts: list[dict[str, Any]] | None
     started_at: datetime | None
     worker: str | None
+    node: bool = False  # a pipeline node (its outcome moves its run on)
 
 
 def _history(row: Any, attempt: int, status: str, error: str | None) -> list[dict[str, Any]]:
@@ -596,7 +625,7 @@ def _close_statements(sql: Sql, shape: tuple[tuple[str, bool], ...]) -> tuple[An
 
 def _close_fast(
     sql: Sql,
-    session: Session,
+    session: Session | Connection,
     *,
     record_id: int,
     attempt: int,
@@ -608,7 +637,7 @@ def _close_fast(
 ) -> bool:
     shape = tuple(sorted((name, value is DB_NOW) for name, value in values.items()))
     select_, update_ = _close_statements(sql, shape)
-    connection = session.connection()
+    connection = session.connection() if isinstance(session, Session) else session
     fence = {"p_id": record_id, "p_attempt": attempt, "p_from": from_status}
     row: Any = opened
     if row is None:

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, bindparam, func, literal, select, type_coerce
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.selectable import GenerativeSelect
 
@@ -36,6 +37,19 @@ class Sql:
             except BaseException:
                 session.rollback()
                 raise
+
+    @contextmanager
+    def single_statement(self) -> Iterator[Connection]:
+        """A connection for writes that are each their own transaction: on PostgreSQL in
+        autocommit (one round trip a statement, where a transaction adds a ``BEGIN`` and a
+        ``COMMIT``); on SQLite a write transaction (:meth:`write_tx`) around them."""
+        if self.dialect != "postgresql":
+            with self.write_tx() as session:
+                yield session.connection()
+            return
+        engine = self.factory.kw["bind"]
+        with engine.connect() as connection:
+            yield connection.execution_options(isolation_level="AUTOCOMMIT")
 
     def skip_locked(self, stmt: _Sel, of: Any) -> _Sel:
         """Lock the selected rows, passing over rows another transaction holds (PostgreSQL).
