@@ -12,7 +12,7 @@ import redis
 from celery import Celery
 
 from gathering_tasks.app import celery_config
-from gathering_tasks.db.engine import session_factory
+from gathering_tasks.db.engine import dispose, session_factory
 from gathering_tasks.db.migrate import upgrade
 from gathering_tasks.db.repo import Repository
 from gathering_tasks.settings import Settings
@@ -81,7 +81,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield server.dsn(name)
     finally:
         factory = session_factory(server.dsn(name))
-        factory.kw["bind"].dispose()
+        dispose(factory.kw["bind"])
         server.drop_database(name)
 
 

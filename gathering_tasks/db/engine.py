@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,7 +97,32 @@ def make_engine(database_url: str, timeouts: DbTimeouts | None = None, **kwargs:
     engine = create_engine(url, **kwargs)
     if "pool_pre_ping" not in kwargs:  # a caller's explicit choice (True, or never) stands
         _ping_when_idle(engine, PING_AFTER_IDLE_S)
+    _MADE_WITH[engine] = (database_url, timeouts)
     return engine
+
+
+# engine -> how it was made (what its autocommit twin is made from), and its twin
+_MADE_WITH: weakref.WeakKeyDictionary[Engine, tuple[str, DbTimeouts | None]] = (
+    weakref.WeakKeyDictionary()
+)
+_TWINS: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+
+
+def autocommit_twin(engine: Engine) -> Engine:
+    """A PostgreSQL engine's twin whose connections are in autocommit from the start (set
+    once per connection, not per checkout): for writes that are one statement each, where a
+    transaction would add a ``BEGIN`` and a ``COMMIT`` round trip. Same database, timeouts
+    and ping after idle; a small pool of its own. Made on first use, per process."""
+    twin = _TWINS.get(engine)
+    if twin is None:
+        database_url, timeouts = _MADE_WITH.get(
+            engine, (engine.url.render_as_string(hide_password=False), None)
+        )
+        twin = make_engine(
+            database_url, timeouts, isolation_level="AUTOCOMMIT", pool_size=2, max_overflow=2
+        )
+        _TWINS[engine] = twin
+    return twin
 
 
 def _ping_when_idle(engine: Engine, idle_s: float) -> None:
@@ -186,8 +212,19 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
+def dispose(engine: Engine) -> None:
+    """Close an engine's pooled connections, and its autocommit twin's."""
+    twin = _TWINS.pop(engine, None)
+    if twin is not None:
+        twin.dispose()
+    engine.dispose()
+
+
 def dispose_all(*, close: bool = True) -> None:
     """Drop pooled connections: ``close=False`` after a fork leaves the parent's alone."""
     for factory in _FACTORIES.values():
         factory.kw["bind"].dispose(close=close)
     _FACTORIES.clear()
+    for twin in list(_TWINS.values()):
+        twin.dispose(close=close)
+    _TWINS.clear()

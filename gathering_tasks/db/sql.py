@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.selectable import GenerativeSelect
 
+from gathering_tasks.db.engine import autocommit_twin
 from gathering_tasks.db.types import UtcDateTime
 
 _Sel = TypeVar("_Sel", bound=GenerativeSelect)
@@ -47,9 +48,8 @@ class Sql:
             with self.write_tx() as session:
                 yield session.connection()
             return
-        engine = self.factory.kw["bind"]
-        with engine.connect() as connection:
-            yield connection.execution_options(isolation_level="AUTOCOMMIT")
+        with autocommit_twin(self.factory.kw["bind"]).connect() as connection:
+            yield connection
 
     def skip_locked(self, stmt: _Sel, of: Any) -> _Sel:
         """Lock the selected rows, passing over rows another transaction holds (PostgreSQL).
