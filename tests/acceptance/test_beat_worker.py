@@ -80,7 +80,7 @@ def test_two_beats_twenty_actions_every_second_one_run_per_slot(
 ):
     # Given two beats and two ready workers, then 20 actions every second
     env = stack_env(db_url, redis_url)
-    duration_s = 60
+    duration_s = 20  # 40 ticks of the leader, 420 slots
     svc = service(repo, settings)
     with running_stack(env, tmp_path) as stack:
         workers = [stack.worker("w1", concurrency=4), stack.worker("w2", concurrency=4)]

@@ -1,15 +1,17 @@
 """Cron in a time zone across a spring-forward jump, through a real beat and a real worker.
 
-Both processes run under libfaketime with the same relative offset, so they share a fake "now"
-that starts shortly before 01:59 EST on 2026-03-08 in New York, when the clocks jump from 02:00
-EST to 03:00 EDT (07:00 UTC). PostgreSQL and Redis keep real time: every timestamp in the
-database is written by a host, and Redis lease TTLs count on the server.
+Both processes run under libfaketime on one fake "now" that starts before 01:59 EST on 2026-03-08
+in New York, when the clocks jump from 02:00 EST to 03:00 EDT (07:00 UTC), and runs ``RATE``
+times as fast as real time, so the minutes around the jump pass in seconds. PostgreSQL and
+Redis keep real time: every timestamp in the database is written by a host, and Redis lease TTLs
+count on the server.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,8 +32,11 @@ pytestmark = pytest.mark.acceptance
 
 ZONE = "America/New_York"
 JUMP = datetime(2026, 3, 8, 7, 0, tzinfo=UTC)  # 02:00 EST -> 03:00 EDT
-# Long enough before 01:59 EST for beat to take the lead; late starts are caught up anyway.
-FAKE_START = JUMP - timedelta(seconds=70)
+# The fake clock's speed: each real second is RATE fake ones in every process of the test.
+RATE = 10
+# Long enough before 01:59 EST (ten real seconds) for beat to take the lead; late starts are
+# caught up anyway.
+FAKE_START = JUMP - timedelta(seconds=60 + 10 * RATE)
 LAST_SLOT = JUMP + timedelta(minutes=1)  # 03:01 EDT: the last slot the test waits for
 SCHEDULES = {
     "before": "59 1 * * *",  # 01:59 EST, an hour before the jump in wall time
@@ -71,11 +76,39 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-def faketime_env(library: str, offset_s: int) -> dict[str, str]:
-    """Environment that shifts a process's wall clock by ``offset_s``; no other clock moves."""
+class FakeClock:
+    """One fake wall clock for this process and the ones it starts: ``start`` at the real
+    instant ``real_t0`` (epoch seconds), then ``RATE`` fake seconds per real second."""
+
+    def __init__(self, start: datetime) -> None:
+        self.start = start
+        self.real_t0 = time.time()
+
+    def now(self) -> datetime:
+        return self.start + timedelta(seconds=RATE * (time.time() - self.real_t0))
+
+    def faketime_spec(self) -> str:
+        """``FAKETIME`` for a process started right now.
+
+        libfaketime runs a process's clock ``RATE`` times as fast from the real instant it
+        loads (``s``), shifted by the offset: ``s + offset + RATE * (t - s)``. Equal to
+        :meth:`now` at every real instant ``t`` when the offset is chosen at that process's
+        start, as here, just before it is spawned (a few milliseconds apart).
+        """
+        s = time.time()
+        offset_s = self.start.timestamp() - RATE * self.real_t0 + (RATE - 1) * s
+        return f"{round(offset_s):+d} x{RATE}"
+
+
+def faketime_env(library: str, clock: FakeClock) -> dict[str, str]:
+    """Environment that puts a process started right now on ``clock``; no other clock moves.
+
+    A fake clock that runs fast also shortens every ``select``/``poll`` timeout by ``RATE``
+    (libfaketime scales them): sleeps and intervals are counted on the fake clock too.
+    """
     return {
         "LD_PRELOAD": library,
-        "FAKETIME": f"{offset_s:+d}",
+        "FAKETIME": clock.faketime_spec(),
         # Faked, CLOCK_MONOTONIC jumps to the fake epoch and every threading wait with a
         # timeout hangs; celery and kombu time their waits with it, so it stays real.
         "FAKETIME_DONT_FAKE_MONOTONIC": "1",
@@ -132,12 +165,9 @@ def test_cron_across_spring_forward_runs_each_slot_once(
     libfaketime: str,
     client: redis.Redis,
 ):
-    # Given a fake clock a little before 01:59 EST on the day New York springs forward
-    offset_s = round((FAKE_START - datetime.now(UTC)).total_seconds())
-
-    def fake_now() -> datetime:
-        return datetime.now(UTC) + timedelta(seconds=offset_s)
-
+    # Given a fast fake clock a little before 01:59 EST on the day New York springs forward
+    clock = FakeClock(FAKE_START)
+    fake_now = clock.now
     svc = ActionService(repo, settings, task_allowed=lambda _n: True, clock=fake_now)
     created_at = fake_now()
     schedules = {}
@@ -154,13 +184,15 @@ def test_cron_across_spring_forward_runs_each_slot_once(
         "gap-and-jump": [JUMP],
     }
     total = sum(len(slots) for slots in expected.values())
-    env = stack_env(db_url, redis_url, **faketime_env(libfaketime, offset_s))
+
+    def env() -> dict[str, str]:
+        return stack_env(db_url, redis_url, **faketime_env(libfaketime, clock))
 
     # When a real worker and a real beat run on that clock past 03:01 EDT
-    with running_stack(env, tmp_path) as stack:
-        worker = stack.worker("w1", concurrency=2)
-        stack.beat("b1")
-        budget_s = (LAST_SLOT - fake_now()).total_seconds() + 90
+    with running_stack(env(), tmp_path) as stack:
+        worker = stack.worker("w1", 2, env=env())
+        stack.beat_with(env=env(), name="b1")
+        budget_s = (LAST_SLOT - fake_now()).total_seconds() / RATE + 90
         try:
             wait_for(lambda: all_done(repo, client, worker, total), budget_s, "every slot to run")
         except TimeoutError:

@@ -8,28 +8,28 @@ from typing import Any
 
 import pytest
 
-from tests.cli_runner import cli
+from tests.cli_runner import cli, cli_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_add_list_pause_resume_trigger_delete(cli_env: dict[str, str]):
-    added = cli(
+    added = cli_in_process(
         cli_env, "actions", "add", "--name", "hello", "--type", "run_task",
         "--config", '{"task": "demo.hello"}', "--cron", "*/5 * * * *", "--tz", "Asia/Tokyo",
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout)["schedule"]["timezone"] == "Asia/Tokyo"
-    listed = cli(cli_env, "actions", "list")
+    listed = cli_in_process(cli_env, "actions", "list")
     assert "hello" in listed.stdout and "active" in listed.stdout
-    assert '"paused"' in cli(cli_env, "actions", "pause", "hello").stdout
-    assert '"active"' in cli(cli_env, "actions", "resume", "hello").stdout
-    triggered = cli(cli_env, "actions", "trigger", "hello")
+    assert '"paused"' in cli_in_process(cli_env, "actions", "pause", "hello").stdout
+    assert '"active"' in cli_in_process(cli_env, "actions", "resume", "hello").stdout
+    triggered = cli_in_process(cli_env, "actions", "trigger", "hello")
     assert triggered.returncode == 0 and "queued" in triggered.stdout
-    runs = cli(cli_env, "runs", "list", "--action", "hello")
+    runs = cli_in_process(cli_env, "runs", "list", "--action", "hello")
     assert "trigger=manual" in runs.stdout
-    assert cli(cli_env, "actions", "delete", "hello").returncode == 0
-    assert cli(cli_env, "actions", "show", "hello").returncode == 3
+    assert cli_in_process(cli_env, "actions", "delete", "hello").returncode == 0
+    assert cli_in_process(cli_env, "actions", "show", "hello").returncode == 3
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -44,24 +44,24 @@ def test_add_list_pause_resume_trigger_delete(cli_env: dict[str, str]):
     ],
 )
 def test_bad_input_exits_2_with_one_line(cli_env: dict[str, str], args: list[str], field: str):
-    result = cli(
+    result = cli_in_process(
         cli_env, "actions", "add", "--name", "x", "--type", "run_task",
         "--config", '{"task": "demo.hello"}', *args,
     )  # fmt: skip
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0]
-    assert "x " not in cli(cli_env, "actions", "list").stdout
+    assert "x " not in cli_in_process(cli_env, "actions", "list").stdout
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_unknown_type_and_bad_json(cli_env: dict[str, str]):
-    result = cli(
+    result = cli_in_process(
         cli_env, "actions", "add", "--name", "x", "--type", "teleport", "--config", "{}",
         "--every", "5",
     )  # fmt: skip
     assert result.returncode == 2 and "action_type" in result.stderr
-    result = cli(
+    result = cli_in_process(
         cli_env, "actions", "add", "--name", "x", "--type", "run_task", "--config", "{oops",
         "--every", "5",
     )  # fmt: skip
@@ -70,11 +70,11 @@ def test_unknown_type_and_bad_json(cli_env: dict[str, str]):
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_file_errors_are_one_line(cli_env: dict[str, str], tmp_path: Path):
-    missing = cli(cli_env, "actions", "add", "--file", str(tmp_path / "nope.json"))
+    missing = cli_in_process(cli_env, "actions", "add", "--file", str(tmp_path / "nope.json"))
     assert missing.returncode == 2 and missing.stderr.startswith("error: file:")
     listed = tmp_path / "list.json"
     listed.write_text("[1, 2]")
-    as_list = cli(cli_env, "actions", "add", "--file", str(listed))
+    as_list = cli_in_process(cli_env, "actions", "add", "--file", str(listed))
     assert as_list.returncode == 2 and "one JSON object" in as_list.stderr
     assert "Traceback" not in missing.stderr + as_list.stderr
 
@@ -180,7 +180,7 @@ def test_unstorable_input_exits_2_naming_the_field_on_every_backend(
     args = make_args(tmp_path)
 
     # When an action is added from it
-    result = cli(cli_env, "actions", "add", *args)
+    result = cli_in_process(cli_env, "actions", "add", *args)
 
     # Then the CLI exits 2 with one line naming the field, and nothing was stored
     lines = result.stderr.strip().splitlines()
@@ -188,7 +188,7 @@ def test_unstorable_input_exits_2_naming_the_field_on_every_backend(
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: {field}: "), lines[0]
     assert "\x00" not in result.stderr
-    assert cli(cli_env, "actions", "list").stdout == ""
+    assert cli_in_process(cli_env, "actions", "list").stdout == ""
 
 
 def test_catchup_max_at_the_planner_limit_is_stored(cli_env: dict[str, str], tmp_path: Path):
@@ -196,7 +196,7 @@ def test_catchup_max_at_the_planner_limit_is_stored(cli_env: dict[str, str], tmp
     args = _add_file(tmp_path, _definition(catchup_max="1000", catchup_mode='"all"'))
 
     # When it is added
-    result = cli(cli_env, "actions", "add", *args)
+    result = cli_in_process(cli_env, "actions", "add", *args)
 
     # Then it is stored as asked
     assert result.returncode == 0, result.stderr

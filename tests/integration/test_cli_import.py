@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cli_runner import cli
+from tests.cli_runner import cli_in_process
 
 
 def definition(name: str, **overrides: Any) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def definition(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def names(env: dict[str, str]) -> list[str]:
-    listed = cli(env, "actions", "list", "--json")
+    listed = cli_in_process(env, "actions", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     return [action["name"] for action in json.loads(listed.stdout)]
 
@@ -49,13 +49,13 @@ def test_a_yaml_list_is_imported_and_counted(cli_env: dict[str, str], tmp_path: 
     entries = [definition(f"bulk-{i}") for i in range(4)] + [shown]
     path = write_yaml(tmp_path / "actions.yaml", entries)
     # When they are imported
-    result = cli(cli_env, "actions", "import", str(path))
+    result = cli_in_process(cli_env, "actions", "import", str(path))
     # Then all five are stored, reported and counted, with fresh state
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "imported 5 actions (5 created, 0 updated)"
     assert result.stderr == ""  # no progress bar when stderr is not a terminal
     assert names(cli_env) == sorted(e["name"] for e in entries)
-    made = json.loads(cli(cli_env, "actions", "show", "from-show").stdout)
+    made = json.loads(cli_in_process(cli_env, "actions", "show", "from-show").stdout)
     assert (made["status"], made["run_count"]) == ("active", 0)
     assert made["start_at"].startswith("2026-01-01T00:00:00")
     assert made["config"] == {"task": "demo.hello", "kwargs": {"who": "from-show"}}
@@ -73,7 +73,7 @@ def test_two_bad_entries_are_both_reported_and_nothing_is_stored(
     ]
     path = write_yaml(tmp_path / "actions.yaml", entries)
     # When they are imported
-    result = cli(cli_env, "actions", "import", str(path))
+    result = cli_in_process(cli_env, "actions", "import", str(path))
     # Then the exit code says invalid input, each error names entry, name and field
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
@@ -84,7 +84,7 @@ def test_two_bad_entries_are_both_reported_and_nothing_is_stored(
     # And not even the valid entries were stored
     assert names(cli_env) == []
     # And with --json the same errors are on stdout, as data
-    as_json = cli(cli_env, "actions", "import", str(path), "--json")
+    as_json = cli_in_process(cli_env, "actions", "import", str(path), "--json")
     assert as_json.returncode == 2
     report = json.loads(as_json.stdout)
     assert report["stored"] is False
@@ -104,12 +104,12 @@ def test_malformed_files_are_one_line_errors(cli_env: dict[str, str], tmp_path: 
     for file_name, (text, expected) in cases.items():
         path = tmp_path / file_name
         path.write_text(text)
-        result = cli(cli_env, "actions", "import", str(path))
+        result = cli_in_process(cli_env, "actions", "import", str(path))
         assert result.returncode == 2, (file_name, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
         assert expected in lines[0], lines
-    missing = cli(cli_env, "actions", "import", str(tmp_path / "nosuch.yaml"))
+    missing = cli_in_process(cli_env, "actions", "import", str(tmp_path / "nosuch.yaml"))
     assert missing.returncode == 2 and "file: cannot be read" in missing.stderr
     assert names(cli_env) == []
 
@@ -117,7 +117,7 @@ def test_malformed_files_are_one_line_errors(cli_env: dict[str, str], tmp_path: 
 def test_a_dry_run_checks_everything_and_stores_nothing(cli_env: dict[str, str], tmp_path: Path):
     path = tmp_path / "actions.json"
     path.write_text(json.dumps([definition("dry-1"), definition("dry-2")]))
-    result = cli(cli_env, "actions", "import", str(path), "--dry-run", "--json")
+    result = cli_in_process(cli_env, "actions", "import", str(path), "--dry-run", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
         "dry_run": True,
@@ -128,7 +128,7 @@ def test_a_dry_run_checks_everything_and_stores_nothing(cli_env: dict[str, str],
     assert names(cli_env) == []
     # A dry run also finds the problems an import would
     path.write_text(json.dumps([definition("dry-1"), definition("dry-1")]))
-    twice = cli(cli_env, "actions", "import", str(path), "--dry-run")
+    twice = cli_in_process(cli_env, "actions", "import", str(path), "--dry-run")
     assert twice.returncode == 2
     assert "error: entry 2 (dry-1): name: is also the name of entry 1" in twice.stderr
 
@@ -139,19 +139,19 @@ def test_existing_names_are_refused_unless_upsert_replaces_them(
     # Given a paused action
     existing = tmp_path / "existing.json"
     existing.write_text(json.dumps(definition("kept")))
-    assert cli(cli_env, "actions", "add", "--file", str(existing)).returncode == 0
-    assert cli(cli_env, "actions", "pause", "kept").returncode == 0
+    assert cli_in_process(cli_env, "actions", "add", "--file", str(existing)).returncode == 0
+    assert cli_in_process(cli_env, "actions", "pause", "kept").returncode == 0
     changed = definition("kept", config={"task": "demo.hello", "kwargs": {"who": "new"}})
     path = write_yaml(tmp_path / "actions.yaml", [definition("fresh"), changed])
     # When a file naming it is imported without --upsert: refused, nothing stored
-    refused = cli(cli_env, "actions", "import", str(path))
+    refused = cli_in_process(cli_env, "actions", "import", str(path))
     assert refused.returncode == 2
     assert "error: entry 2 (kept): name: an action with this name exists (--upsert" in (
         refused.stderr
     )
     assert names(cli_env) == ["kept"]
     # When it is imported with --upsert: created and replaced, the pause kept
-    upserted = cli(cli_env, "actions", "import", str(path), "--upsert", "--json")
+    upserted = cli_in_process(cli_env, "actions", "import", str(path), "--upsert", "--json")
     assert upserted.returncode == 0, upserted.stderr
     assert json.loads(upserted.stdout) == {
         "dry_run": False,
@@ -159,7 +159,7 @@ def test_existing_names_are_refused_unless_upsert_replaces_them(
         "created": ["fresh"],
         "updated": ["kept"],
     }
-    kept = json.loads(cli(cli_env, "actions", "show", "kept").stdout)
+    kept = json.loads(cli_in_process(cli_env, "actions", "show", "kept").stdout)
     assert kept["config"]["kwargs"] == {"who": "new"} and kept["status"] == "paused"
     assert names(cli_env) == ["fresh", "kept"]
 
@@ -219,18 +219,20 @@ def test_a_listing_of_one_database_imports_into_another(cli_env: dict[str, str],
     for entry in (definition("copy-a"), definition("copy-b", description="second")):
         path = tmp_path / f"{entry['name']}.json"
         path.write_text(json.dumps(entry))
-        assert cli(cli_env, "actions", "add", "--file", str(path)).returncode == 0
-    assert cli(cli_env, "actions", "pause", "copy-b").returncode == 0
+        assert cli_in_process(cli_env, "actions", "add", "--file", str(path)).returncode == 0
+    assert cli_in_process(cli_env, "actions", "pause", "copy-b").returncode == 0
     listing = tmp_path / "listing.json"
-    listing.write_text(cli(cli_env, "actions", "list", "--json").stdout)
+    listing.write_text(cli_in_process(cli_env, "actions", "list", "--json").stdout)
     # When the listing is imported into a fresh database
     other = {**cli_env, "GATHERING_DATABASE_URL": f"sqlite:///{tmp_path / 'other.db'}"}
-    assert cli(other, "db", "upgrade").returncode == 0
-    imported = cli(other, "actions", "import", str(listing))
+    assert cli_in_process(other, "db", "upgrade").returncode == 0
+    imported = cli_in_process(other, "actions", "import", str(listing))
     # Then the same definitions are there, with fresh state
     assert imported.returncode == 0, imported.stderr
     before = {a["name"]: a for a in json.loads(listing.read_text())}
-    after = {a["name"]: a for a in json.loads(cli(other, "actions", "list", "--json").stdout)}
+    after = {
+        a["name"]: a for a in json.loads(cli_in_process(other, "actions", "list", "--json").stdout)
+    }
     assert sorted(after) == ["copy-a", "copy-b"]
     for name, action in after.items():
         for field in ("action_type", "config", "schedule", "description", "retry_max_attempts"):
