@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,13 +77,31 @@ def flower(tmp_path: Path, redis_url: str) -> Iterator[str]:
         log.close()
 
 
+PROBE = "flower-test-probe"
+
+
 def tasks_by_name(base: str) -> dict[str, list[dict[str, Any]]]:
+    """Flower's tasks by name (the probe of :func:`listening` left out)."""
     answer = requests.get(f"{base}/api/tasks", auth=AUTH, timeout=5)
     answer.raise_for_status()
     out: dict[str, list[dict[str, Any]]] = {}
     for task in answer.json().values():
-        out.setdefault(str(task.get("name")), []).append(task)
+        if task.get("name") != PROBE:
+            out.setdefault(str(task.get("name")), []).append(task)
     return out
+
+
+def listening(base: str, app: Celery) -> None:
+    """Wait until Flower receives events: an event sent before it subscribed is lost to it
+    (Redis fan-out), and its web page answers before its event consumer is connected."""
+
+    def seen() -> bool:
+        with app.events.default_dispatcher() as dispatcher:
+            dispatcher.send("task-sent", uuid=uuid.uuid4().hex, name=PROBE)
+        answer = requests.get(f"{base}/api/tasks", auth=AUTH, timeout=5)
+        return any(t.get("name") == PROBE for t in answer.json().values())
+
+    wait_for(seen, 60, "Flower to receive events", interval_s=0.2)
 
 
 def states(tasks: list[dict[str, Any]]) -> list[str]:
@@ -148,6 +167,7 @@ def test_flower_shows_names_true_states_and_no_secret(
     env = stack_env(
         db_url, redis_url, TEST_FLOWER_HOOK_SECRET=HOOK_SECRET, TEST_FLOWER_API_TOKEN=API_TOKEN
     )
+    listening(flower, app)
     with running_stack(env, tmp_path) as stack:
         worker = stack.worker("w1", concurrency=2)
         wait_for(lambda: " ready." in worker.log_text(), 60, "the worker to be ready")
@@ -169,6 +189,8 @@ def test_flower_shows_names_true_states_and_no_secret(
             seen = tasks_by_name(flower)
             done = {"SUCCESS", "FAILURE", "RETRY"}
             if len(seen.get("run_task flower-good", [])) < 2:
+                return None
+            if len(seen.get("run_task flower-fail", [])) < 2:  # the retry, then the failure
                 return None
             if any(t["state"] not in done for group in seen.values() for t in group):
                 return None
