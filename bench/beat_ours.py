@@ -25,9 +25,9 @@ from bench.dataset import SCHEDULES, slot_after, slot_at_or_before
 from bench.measure import QUEUE, TickStats
 from gathering_tasks.app import celery_config
 from gathering_tasks.beat import DatabaseScheduler, SlotPlanner
+from gathering_tasks.db.actions import ActionStore
 from gathering_tasks.db.claims import ClaimBatch, DueAction, Planner, SlotClaims, SlotPlan
 from gathering_tasks.db.engine import session_factory
-from gathering_tasks.db.repo import Repository
 from gathering_tasks.settings import Settings, get_settings
 
 DUE_QUERY_MARK = "FOR UPDATE OF scheduled_actions SKIP LOCKED"
@@ -221,10 +221,14 @@ class Ours:
 
     def edit(self) -> bool:
         """An operator moves one action's next slot to its latest past slot
-        (``ActionStore.set_next_run``); the slot is in the catch-up grace, so it runs."""
+        (``ActionStore.set_next_run``); the slot is in the catch-up grace, so it runs.
+
+        The store alone, not a whole ``Repository``: the rest of it (the pipelines' store and
+        their definitions' models) is the API's and the workers', not beat's, and would count
+        in this process's RSS."""
         now = datetime.now(UTC)
-        repo = Repository(session_factory(self.settings.database_url))
-        repo.actions.set_next_run(f"bench-{self.n // 2:06d}", slot_at_or_before(now), now=now)
+        actions = ActionStore(session_factory(self.settings.database_url))
+        actions.set_next_run(f"bench-{self.n // 2:06d}", slot_at_or_before(now), now=now)
         return True
 
     def extra(self) -> dict[str, Any]:

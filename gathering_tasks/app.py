@@ -1,19 +1,27 @@
-"""The Celery app: the only global. ``celery -A gathering_tasks worker|beat|flower``."""
+"""The Celery app: the only global. ``celery -A gathering_tasks worker|beat|flower``.
+
+Beat and Flower import this module too, and neither executes a task: what only a worker runs
+(the task modules, the executors, the ORM's mappers, the worker's metrics) is imported by the
+worker's start-up signals below, not here.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
-from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    celeryd_init,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+)
 from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import configure_mappers
 
-from gathering_tasks import metrics, runtime
 from gathering_tasks.errors import GatheringError
 from gathering_tasks.keys import POOL_START_MARGIN_S
 from gathering_tasks.kinds import KINDS, resolve
@@ -24,6 +32,9 @@ log = logging.getLogger(__name__)
 
 # Celery's default queue: where ``send_task`` puts a message that names no queue.
 CELERY_DEFAULT_QUEUE = "celery"
+
+# The modules of our Celery tasks: imported by workers only (see :func:`_register_tasks`).
+TASK_MODULES = ("gathering_tasks.tasks",)
 
 
 def worker_queues(settings: Settings) -> tuple[Queue, ...]:
@@ -80,8 +91,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A pool process opens its database connection before it reports for work: the
         # wait for it covers a connect and the schema check, each within its own bound.
         "worker_proc_alive_timeout": pool_start_timeout_s(settings),
-        # Our tasks, then the user's modules (GATHERING_IMPORTS): handlers and Celery tasks.
-        "imports": ("gathering_tasks.tasks", *settings.imports),
+        # The user's modules (GATHERING_IMPORTS): handlers and Celery tasks, imported by every
+        # process that starts the app. Our own tasks are the workers' alone (TASK_MODULES).
+        "imports": tuple(settings.imports),
     }
 
 
@@ -123,6 +135,19 @@ def _worker_transport(conf: Any, **_kwargs: Any) -> None:
         conf.broker_transport = f"{__name__}:RedisTransport"
 
 
+def _register_tasks(**_kwargs: Any) -> None:
+    """Register our tasks (``gathering.*``) in a worker, before it consumes.
+
+    Not in Celery's ``imports``: ``celery beat`` imports those too, and beat only publishes by
+    task name; the task modules (the guard, the payload schemas, tenacity, jsonschema) would
+    only make it bigger. ``celeryd_init`` comes first in ``celery worker``; ``worker_init``
+    also comes in a worker started in-process. Both come before the worker consumes, and
+    before its pool forks. Importing a module a second time does nothing.
+    """
+    for module in TASK_MODULES:
+        importlib.import_module(module)
+
+
 def _worker_preload(**_kwargs: Any) -> None:
     """Before the pool forks, import what a pool process executes and configure the ORM.
 
@@ -130,21 +155,29 @@ def _worker_preload(**_kwargs: Any) -> None:
     all of them at once on a worker's first burst): the first slots ran a second late.
     Imports only, no connection: the pool's processes inherit them through fork.
     """
+    from sqlalchemy.orm import configure_mappers
+
     for entry in KINDS.values():
         resolve(entry.executor)
     configure_mappers()
 
 
 def _worker_metrics(**_kwargs: Any) -> None:
+    from gathering_tasks import metrics
+
     # Before the pool forks: its processes inherit where to write their samples.
     metrics.serve_worker()
 
 
 def _pool_process_exited(pid: int, **_kwargs: Any) -> None:
+    from gathering_tasks import metrics
+
     metrics.process_exited(pid)
 
 
 def _after_fork(**_kwargs: Any) -> None:
+    from gathering_tasks import runtime
+
     # Pooled DB and Redis connections must not be shared across a fork.
     runtime.reset(after_fork=True)
     _open_connections()
@@ -157,6 +190,10 @@ def _open_connections() -> None:
     runs, every pool process at once when a worker takes its first burst. A database that
     cannot be reached now is the first task's to report.
     """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gathering_tasks import runtime
+
     try:
         runtime.repository()
     except (SQLAlchemyError, GatheringError, OSError) as exc:
@@ -164,7 +201,9 @@ def _open_connections() -> None:
 
 
 celeryd_init.connect(_worker_transport, weak=False)
+celeryd_init.connect(_register_tasks, weak=False)
 celeryd_init.connect(_worker_preload, weak=False)
 celeryd_init.connect(_worker_metrics, weak=False)
 worker_process_shutdown.connect(_pool_process_exited, weak=False)
+worker_init.connect(_register_tasks, weak=False)
 worker_process_init.connect(_after_fork, weak=False)

@@ -13,6 +13,7 @@ Use it with ``celery -A gathering_tasks beat`` (it is the app's default) or
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,20 +21,20 @@ import socket
 import time
 from collections.abc import Callable, Hashable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from celery.beat import Scheduler
 from kombu.exceptions import BatchPublishError
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from gathering_tasks import keys, metrics, runtime
 from gathering_tasks.clock import utcnow
 from gathering_tasks.db.claims import DueAction, SlotClaims, SlotPlan
 from gathering_tasks.db.engine import reads_engine
-from gathering_tasks.db.ledger import Dispatch
-from gathering_tasks.db.pipelines import PipelineStore
+from gathering_tasks.db.ledger import Dispatch, Record
 from gathering_tasks.db.sweeps import Sweeps
 from gathering_tasks.errors import InvalidInput
 from gathering_tasks.keys import MIN_SLEEP_S, SCHEDULE_CACHE_SIZE
@@ -48,7 +49,10 @@ from gathering_tasks.schedules import (
     plan_due,
 )
 from gathering_tasks.settings import Settings
-from gathering_tasks.sweeper import Sweeper
+from gathering_tasks.sweeper import PipelineDeadlines, Sweeper
+
+if TYPE_CHECKING:
+    from gathering_tasks.db.pipelines import PipelineStore
 
 log = logging.getLogger(__name__)
 
@@ -141,19 +145,61 @@ class BeatStores(Protocol):
     def sweeps(self) -> Sweeps: ...
 
     @property
-    def pipelines(self) -> PipelineStore: ...
+    def pipelines(self) -> PipelineDeadlines: ...
+
+
+class _Pipelines:
+    """The pipeline store, imported when the sweeper first needs it: a run to recover or
+    a pipeline run past its deadline.
+
+    ``gathering_tasks.db.pipelines`` brings the pipeline definitions (their pydantic models,
+    jmespath, the action types' checks): a beat whose sweeps find nothing of the kind never
+    loads them. It is what :class:`~gathering_tasks.db.ledger.Progress` and the sweeper ask
+    of a :class:`~gathering_tasks.db.pipelines.PipelineStore`, passed on to one.
+    """
+
+    def __init__(self, factory: sessionmaker[Session], max_input_bytes: int) -> None:
+        self._factory = factory
+        self._max_input_bytes = max_input_bytes
+
+    @functools.cached_property
+    def store(self) -> PipelineStore:
+        from gathering_tasks.db.pipelines import PipelineStore
+
+        store = PipelineStore(self._factory)
+        store.max_input_bytes = self._max_input_bytes
+        return store
+
+    # -- the sweeper's (PipelineDeadlines) ---------------------------------------------------
+
+    def overdue_runs(self, now: datetime, *, limit: int) -> list[int]:
+        return self.store.overdue_runs(now, limit=limit)
+
+    def cancel_run(self, run_id: int, *, now: datetime, status: str = "cancelled") -> str:
+        return self.store.cancel_run(run_id, now=now, status=status)
+
+    # -- the recovery's (Progress) -------------------------------------------------------
+
+    def lock_run_of(self, session: Session, record_id: int) -> int | None:
+        return self.store.lock_run_of(session, record_id)
+
+    def advance_record(self, session: Session, record_id: int) -> list[Dispatch]:
+        return self.store.advance_record(session, record_id)
+
+    def prepare(self, session: Session, record: Record) -> Record:
+        return self.store.prepare(session, record)
 
 
 class _Stores:
-    """Beat's own stores over the process's repository: its every-tick reads (the due
+    """Beat's own stores over the process's database: its every-tick reads (the due
     lookup, the sweeper's probe) go through an engine of their own (``reads``)."""
 
     def __init__(self, settings: Settings) -> None:
-        repo = runtime.repository()
+        factory = runtime.sessions()
         self.reads = reads_engine(settings.database_url, settings.db_timeouts)
-        self.pipelines = repo.pipelines
-        self.claims = SlotClaims(repo.factory, reads=self.reads)
-        self.sweeps = Sweeps(repo.factory, progress=repo.pipelines, reads=self.reads)
+        self.pipelines = _Pipelines(factory, settings.max_result_bytes)
+        self.claims = SlotClaims(factory, reads=self.reads)
+        self.sweeps = Sweeps(factory, progress=self.pipelines, reads=self.reads)
 
     def close(self) -> None:
         if self.reads is not None:
@@ -314,4 +360,5 @@ class DatabaseScheduler(Scheduler):  # type: ignore[misc]
     @property
     def info(self) -> str:
         # Celery reads this from a scheduler it never sets up (lazy=True): no self.stores.
-        return f"    . db -> {runtime.repository().dialect} (leader lease via Redis)"
+        dialect = runtime.sessions().kw["bind"].dialect.name
+        return f"    . db -> {dialect} (leader lease via Redis)"

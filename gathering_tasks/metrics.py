@@ -12,6 +12,9 @@ Names (all prefixed ``gathering_``), documented in docs/metrics.md:
 
 A worker's pool processes write their samples to files (Prometheus' multiprocess mode) that
 the worker's main process serves; beat serves its own registry.
+
+``prometheus_client`` is imported only once metrics are on: a process without
+``GATHERING_METRICS_PORT`` never loads it.
 """
 
 from __future__ import annotations
@@ -24,19 +27,14 @@ import tempfile
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    multiprocess,
-    start_http_server,
-    values,
-)
+from typing import TYPE_CHECKING
 
 from gathering_tasks import runtime
-from gathering_tasks.db.ledger import Dispatch
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from gathering_tasks.db.ledger import Dispatch
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +47,8 @@ class Metrics:
     """The metric objects of one process, on their own registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
         self.registry = registry
         self.slots_claimed = Counter(
             "gathering_slots_claimed", "Records beat claimed for due slots.", registry=registry
@@ -93,6 +93,8 @@ def enabled() -> bool:
 @functools.cache
 def metrics() -> Metrics:
     """This process's metrics (in a worker's pool, backed by the shared directory)."""
+    from prometheus_client import CollectorRegistry, values
+
     if os.environ.get(MULTIPROC_ENV):
         values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
     return Metrics(CollectorRegistry(auto_describe=True))
@@ -103,6 +105,8 @@ def serve_beat() -> None:
     settings = runtime.settings()
     if settings.metrics_port is None:
         return
+    from prometheus_client import start_http_server
+
     start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics().registry)
     log.info("metrics on http://%s:%d/metrics", settings.metrics_address, settings.metrics_port)
 
@@ -113,6 +117,8 @@ def serve_worker() -> None:
     settings = runtime.settings()
     if settings.metrics_port is None:
         return
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
     path = Path(settings.metrics_dir or tempfile.mkdtemp(prefix="gathering-metrics-"))
     shutil.rmtree(path, ignore_errors=True)  # samples of an earlier worker are not ours
     path.mkdir(parents=True)
@@ -126,6 +132,8 @@ def serve_worker() -> None:
 def process_exited(pid: int) -> None:
     """A pool process ended: drop its live gauges."""
     if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 

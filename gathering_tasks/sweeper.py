@@ -20,16 +20,25 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from gathering_tasks import metrics
 from gathering_tasks.db.ledger import Dispatch
-from gathering_tasks.db.pipelines import PipelineStore
 from gathering_tasks.db.sweeps import StaleRecord, Sweeps
 from gathering_tasks.keys import PRUNE_INTERVAL_S, SWEEP_LIMIT
 from gathering_tasks.policy import lost_record_decision
 from gathering_tasks.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class PipelineDeadlines(Protocol):
+    """What the sweeper asks of pipelines (a :class:`~gathering_tasks.db.pipelines.PipelineStore`
+    does it)."""
+
+    def overdue_runs(self, now: datetime, *, limit: int) -> list[int]: ...
+
+    def cancel_run(self, run_id: int, *, now: datetime, status: str = "cancelled") -> str: ...
 
 
 class Sweeper:
@@ -42,7 +51,7 @@ class Sweeper:
         *,
         lease_alive: Callable[[int], bool],
         publish: Callable[[list[Dispatch]], int],
-        pipelines: PipelineStore | None = None,
+        pipelines: PipelineDeadlines | None = None,
     ) -> None:
         self.settings = settings
         self.sweeps = sweeps
