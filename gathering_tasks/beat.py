@@ -180,8 +180,11 @@ class _Pipelines:
 
     # -- the recovery's (Progress) -------------------------------------------------------
 
-    def lock_run_of(self, session: Session, record_id: int) -> int | None:
+    def lock_run_of(self, session: Session, record_id: int) -> tuple[int, str] | None:
         return self.store.lock_run_of(session, record_id)
+
+    def settled(self, node: tuple[int, str], status: str, result: dict[str, Any] | None) -> None:
+        self.store.settled(node, status, result)
 
     def advance_record(self, session: Session, record_id: int) -> list[Dispatch]:
         return self.store.advance_record(session, record_id)
