@@ -187,7 +187,10 @@ class Ours:
         now = datetime.now(UTC)
         make_due(self.engine, n=self.n, due=k, slot=slot_at_or_before(now))
         beat = self.scheduler.engine
-        self.claims = TimedClaims(session_factory(self.settings.database_url))
+        # Timed, and otherwise as beat's own: its every-tick read on beat's reads engine.
+        self.claims = TimedClaims(
+            session_factory(self.settings.database_url), reads=beat.repo.claims.reads
+        )
         beat.repo.claims = self.claims
         # A fresh planner: a burst of actions it has never parsed is the expensive case.
         beat.planner = self.planner = TimedPlanner(now)
