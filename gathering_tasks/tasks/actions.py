@@ -95,10 +95,6 @@ def _checked(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         raise
 
 
-def _executor(kind_name: str) -> Executor:
-    return _timed(resolve(KINDS[kind_name].executor))
-
-
 def _keeper(task: Task) -> Callable[[Dispatch], bool] | None:
     """Which ready pipeline node this task may run next itself, without a broker round trip:
     one routed to the queue the task came from, with no countdown and no time limit of its
@@ -130,7 +126,7 @@ def _execute(
     task: Task, kind_name: str, record_id: int, keep: Callable[[Dispatch], bool] | None = None
 ) -> Report:
     worker = task.request.hostname or socket.gethostname()
-    executor = _executor(kind_name)
+    executor = _timed(resolve(KINDS[kind_name].executor))
     return guard().run(
         record_id, kind_name, executor, worker=worker, task_id=task.request.id, keep=keep
     )
@@ -140,20 +136,12 @@ def _run_here(task: Task, first: Dispatch, keep: Callable[[Dispatch], bool]) -> 
     """Run ``first`` (a ready pipeline node, recorded ``pending`` and not published) in this
     task, then each next node it leaves ready that ``keep`` accepts. Each is its own ledger
     record under its own lease, as if it came from its own message. Returns how many ran."""
-    worker = task.request.hostname or socket.gethostname()
     ran = 0
     dispatch: Dispatch | None = first
     while dispatch is not None:
         started = time.monotonic()
         try:
-            report = guard().run(
-                dispatch.record_id,
-                dispatch.kind,
-                _executor(dispatch.kind),
-                worker=worker,
-                task_id=task.request.id,
-                keep=keep,
-            )
+            report = _execute(task, dispatch.kind, dispatch.record_id, keep)
         except Exception as exc:
             # Not started, or its outcome not written: its message goes out after all (a
             # delivery of a record that did start is dropped; the sweeper recovers that one).

@@ -80,13 +80,18 @@ def drain(repo: Repository, settings: Settings) -> Drain:
     return Drain(repo, settings)
 
 
+def publishing_to(pipelines: PipelineService, drain: Drain) -> PipelineService:
+    """The pipeline service, publishing a run's first nodes to ``drain``."""
+    return PipelineService(
+        pipelines.repo, pipelines.settings, task_allowed=lambda _n: True, publish=drain.publish
+    )
+
+
 def run(
     pipelines: PipelineService, drain: Drain, name: str, data: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Start a run, drain it, return the run with its nodes."""
-    service = PipelineService(
-        pipelines.repo, pipelines.settings, task_allowed=lambda _n: True, publish=drain.publish
-    )
+    service = publishing_to(pipelines, drain)
     run_id = service.run(name, data or {})
     drain.run()
     return service.get_run(run_id)
@@ -273,9 +278,7 @@ def test_a_template_that_does_not_resolve_fails_the_node_naming_the_path(
 def test_cancel_stops_the_queued_nodes_of_a_run(pipelines: PipelineService, drain: Drain):
     # Given a started diamond whose nodes are queued but not run
     pipelines.create("to-cancel", DIAMOND)
-    service = PipelineService(
-        pipelines.repo, pipelines.settings, task_allowed=lambda _n: True, publish=drain.publish
-    )
+    service = publishing_to(pipelines, drain)
     run_id = service.run("to-cancel", {"x": 1})
     # When it is cancelled, then its queued messages are delivered
     assert service.cancel(run_id) == "cancelled"
@@ -319,9 +322,7 @@ def test_an_edit_makes_a_new_version_and_a_run_keeps_its_own(
     pipelines: PipelineService, drain: Drain
 ):
     pipelines.create("versioned", DIAMOND)
-    service = PipelineService(
-        pipelines.repo, pipelines.settings, task_allowed=lambda _n: True, publish=drain.publish
-    )
+    service = publishing_to(pipelines, drain)
     first = service.run("versioned", {"x": 1})
     # When the pipeline is edited while that run is queued
     smaller = {"nodes": DIAMOND["nodes"][:2], "edges": DIAMOND["edges"][:1]}
@@ -437,9 +438,7 @@ def test_a_kept_follow_up_is_not_published_and_is_handed_back_to_run_here(
 ):
     # Given the diamond started, its trigger's message delivered
     pipelines.create("diamond-kept", DIAMOND)
-    service = PipelineService(
-        pipelines.repo, pipelines.settings, task_allowed=lambda _n: True, publish=drain.publish
-    )
+    service = publishing_to(pipelines, drain)
     run_id = service.run("diamond-kept", {"x": 1})
     trigger = drain.queue.popleft()
     assert not drain.queue
