@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -186,8 +186,10 @@ class _Pipelines:
     def settled(self, node: tuple[int, str], status: str, result: dict[str, Any] | None) -> None:
         self.store.settled(node, status, result)
 
-    def advance_record(self, session: Session, record_id: int) -> list[Dispatch]:
-        return self.store.advance_record(session, record_id)
+    def advance_record(
+        self, session: Session, record_id: int, *, nodes: Iterable[str] = ()
+    ) -> list[Dispatch]:
+        return self.store.advance_record(session, record_id, nodes=nodes)
 
     def prepare(self, session: Session, record: Record) -> Record:
         return self.store.prepare(session, record)

@@ -30,20 +30,29 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from gathering_tasks.db.ledger import Dispatch, LedgerPort, Record, StartRefused, dispatch_for
+from gathering_tasks.db.ledger import (
+    FINAL,
+    Closing,
+    Dispatch,
+    LedgerPort,
+    Record,
+    StartRefused,
+    dispatch_for,
+)
 from gathering_tasks.errors import ExecutionAborted, PermanentFailure, TaskTimedOut
 from gathering_tasks.keys import OUTCOME_RETRY_MAX_WAIT_S
 from gathering_tasks.policy import bounded_result, describe_error, retry_delay_s
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Executor = Callable[[Record, threading.Event], "Mapping[str, Any] | Detached | None"]
 Outcome = Literal[
@@ -293,9 +302,10 @@ class Report:
     error: str | None = None
     retry_delay_s: float | None = None
     detail: str | None = None  # why a delivery was dropped
-    # A follow-up record this process runs next itself instead of publishing it (the
-    # ``keep`` of :meth:`ExecutionGuard.run` chose it); it is recorded ``pending``.
-    next: Dispatch | None = None
+    pipeline_run_id: int | None = None  # the pipeline run the record is a node of
+    # Follow-up records this process runs itself instead of publishing them (those the
+    # ``keep`` of :meth:`ExecutionGuard.run` accepted); they are recorded ``pending``.
+    kept: tuple[Dispatch, ...] = ()
 
 
 @dataclass
@@ -345,45 +355,113 @@ class ExecutionGuard:
     ) -> Report:
         """Like :meth:`execute`, with what the task needs to tell Celery what happened.
 
-        ``keep``: of the follow-ups the outcome made ready (a pipeline's next nodes), the
-        first it accepts is not published but returned as ``Report.next``, for the caller to
-        run in this process. It is committed ``pending`` like the others: if this process
-        dies before running it, the sweeper publishes it.
+        ``keep``: the follow-ups the outcome made ready (a pipeline's next nodes) that it
+        accepts are not published but returned as ``Report.kept``, for the caller to run in
+        this process. They are committed ``pending`` like the others: if this process dies
+        before running them, the sweeper publishes them.
         """
-        extra = {"run_id": record_id, "kind": kind}
-        lease = self._lease_for(record_id)
-        if not lease.acquire():
-            log.info("run is leased by another worker; dropping this delivery", extra=extra)
-            return Report("dropped", record_id, detail="leased by another worker")
-        verdict: _Verdict | None = None
-        record: Record | None = None
+        reports, kept = self.run_many(
+            [record_id], kind, executor, worker=worker, task_id=task_id, keep=keep
+        )
+        return replace(reports[0], kept=kept)
+
+    def run_many(
+        self,
+        record_ids: list[int],
+        kind: str,
+        executor: Executor,
+        *,
+        worker: str,
+        task_id: str | None,
+        keep: Callable[[Dispatch], bool] | None = None,
+    ) -> tuple[list[Report], tuple[Dispatch, ...]]:
+        """:meth:`run` for a batch: ready nodes of one pipeline run, executed one after the
+        other in this process. Their leases are taken first and they start in one
+        transaction; each has its own lease keeper, heartbeat and abort from then on, and
+        their final outcomes are written in one transaction that moves the run on once. An
+        outcome that is not final (a retry) is written on its own, as a lone record's is.
+        Returns a report per record id, in order, and the follow-ups ``keep`` accepted."""
+        reports: dict[int, Report] = {}
+        leases: dict[int, LeaseLike] = {}
+        for record_id in record_ids:
+            lease = self._lease_for(record_id)
+            if lease.acquire():
+                leases[record_id] = lease
+            else:
+                log.info(
+                    "run is leased by another worker; dropping this delivery",
+                    extra={"run_id": record_id, "kind": kind},
+                )
+                reports[record_id] = Report("dropped", record_id, detail="leased by another worker")
+        done: list[tuple[Record, _Verdict]] = []
         try:
-            started = self._ledger.start(record_id, kind=kind, worker=worker, task_id=task_id)
-            if isinstance(started, StartRefused):
-                _log_refusal(started, kind, extra)
-                return Report("dropped", record_id, detail=_refusal_text(started))
-            record = started
-            with _Keepers(self._ledger, lease, record, self._config) as keepers:
-                verdict = self._run(record, executor, keepers.abort)
-                keepers.closing()
-                verdict = self._record_outcome(record, verdict)
+            records = self._start(list(leases), kind, worker, task_id, reports)
+            for record_id in [i for i in leases if i in reports]:
+                leases.pop(record_id).release()
+            with ExitStack() as stack:
+                keepers = [
+                    stack.enter_context(_Keepers(self._ledger, leases[r.id], r, self._config))
+                    for r in records
+                ]
+                for record, keeper in zip(records, keepers, strict=True):
+                    reason = keeper.abort.reason
+                    verdict = (
+                        self._run(record, executor, keeper.abort)
+                        if reason is None
+                        # Cancelled or taken over while it waited for its turn in a batch.
+                        else _Verdict(reason, error=f"run {reason} before it began")
+                    )
+                    keeper.closing()
+                    done.append((record, verdict))
+                done = self._record_outcomes(done)
         finally:
-            lease.release()
-        if verdict.retry_delay_s is not None and record is not None:
-            self._publish_retry_of(record, verdict.retry_delay_s)
-        kept = _kept(verdict.followups, keep)
-        others = [d for d in verdict.followups if d is not kept]
+            for lease in leases.values():
+                lease.release()
+        followups: list[Dispatch] = []
+        for record, verdict in done:
+            if verdict.retry_delay_s is not None:
+                self._publish_retry_of(record, verdict.retry_delay_s)
+            followups += verdict.followups
+            reports[record.id] = Report(
+                verdict.status,
+                record.id,
+                name=record.name,
+                attempt=record.attempt,
+                error=verdict.error,
+                retry_delay_s=verdict.retry_delay_s,
+                pipeline_run_id=record.pipeline_run_id,
+            )
+        kept = tuple(d for d in followups if keep is not None and keep(d))
+        others = [d for d in followups if d not in kept]
         if others:
             self._publish_followups(others)
-        return Report(
-            verdict.status,
-            record_id,
-            name=record.name,
-            attempt=record.attempt,
-            error=verdict.error,
-            retry_delay_s=verdict.retry_delay_s,
-            next=kept,
-        )
+        return [reports[i] for i in record_ids], kept
+
+    def _start(
+        self,
+        record_ids: list[int],
+        kind: str,
+        worker: str,
+        task_id: str | None,
+        reports: dict[int, Report],
+    ) -> list[Record]:
+        """Start the records; a report for each that may not start."""
+        if not record_ids:
+            return []
+        if len(record_ids) == 1:
+            started = self._ledger.start(record_ids[0], kind=kind, worker=worker, task_id=task_id)
+            if not isinstance(started, StartRefused):
+                return [started]
+            _log_refusal(started, kind, {"run_id": record_ids[0], "kind": kind})
+            reports[record_ids[0]] = Report("dropped", record_ids[0], detail=_refusal_text(started))
+            return []
+        records = self._ledger.start_many(record_ids, kind=kind, worker=worker, task_id=task_id)
+        ids = {r.id for r in records}
+        for record_id in record_ids:
+            if record_id not in ids:
+                # Taken by another worker since it was offered, or ended meanwhile.
+                reports[record_id] = Report("dropped", record_id, detail="no longer startable")
+        return records
 
     def _run(self, record: Record, executor: Executor, abort: _Abort) -> _Verdict:
         log.info("run %s started", record.name, extra=_extra(record))
@@ -432,38 +510,84 @@ class ExecutionGuard:
         )
         return _Verdict("retrying", error=error, retry_delay_s=delay_s)
 
+    def _record_outcomes(
+        self, done: list[tuple[Record, _Verdict]]
+    ) -> list[tuple[Record, _Verdict]]:
+        """Write each outcome: a batch's final ones together, any other on its own."""
+        together = [i for i, (_r, v) in enumerate(done) if v.status in FINAL]
+        if len(done) < 2 or not together:
+            return [(record, self._record_outcome(record, verdict)) for record, verdict in done]
+        batch = [done[i] for i in together]
+        written = self._record_batch(batch)
+        return [
+            (record, written[record.id] if i in together else self._record_outcome(record, verdict))
+            for i, (record, verdict) in enumerate(done)
+        ]
+
+    def _record_batch(self, batch: list[tuple[Record, _Verdict]]) -> dict[int, _Verdict]:
+        closings = [
+            Closing(
+                record,
+                verdict.status,
+                bounded_result(verdict.result, self._config.max_result_bytes),
+                verdict.error,
+            )
+            for record, verdict in batch
+        ]
+        ready: list[Dispatch] = []
+
+        def write() -> set[int]:
+            ready.clear()
+            return self._ledger.finish_many(closings, ready)
+
+        closed, retried = self._with_retries(write, _extra(batch[0][0]))
+        written: dict[int, _Verdict] = {}
+        for record, verdict in batch:
+            mine = record.id in closed or (
+                retried and self._ledger.state(record.id) == (record.attempt, verdict.status)
+            )
+            written[record.id] = self._logged(record, verdict if mine else _Verdict("superseded"))
+        # The run moved on once, for the whole batch: its follow-ups go with the last record.
+        written[batch[-1][0].id].followups.extend(ready)
+        return written
+
     def _record_outcome(self, record: Record, verdict: _Verdict) -> _Verdict:
         """Write the outcome, retrying while the database is unreachable."""
         if verdict.status == "superseded":
-            log.warning("run %s outcome dropped: taken over", record.name, extra=_extra(record))
-            return verdict
+            return self._logged(record, verdict)
+        written, retried = self._with_retries(lambda: self._write(record, verdict), _extra(record))
+        if not written and retried:
+            # A try that raised may have committed with its reply lost: then the fence
+            # turned away our own retry. The record says whether it was ours.
+            written = self._ledger.state(record.id) == (record.attempt, verdict.status)
+        return self._logged(record, verdict if written else _Verdict("superseded"))
+
+    def _with_retries(self, write: Callable[[], T], extra: dict[str, Any]) -> tuple[T, bool]:
+        """``write()``, tried again while the database is unreachable (within
+        ``outcome_retry_s``). Also says whether it took more than one try."""
+        tries: list[int] = []
+
+        def attempt() -> T:
+            tries.append(1)
+            return write()
+
         retrying = Retrying(
             stop=stop_after_delay(self._config.outcome_retry_s),
             wait=wait_exponential(multiplier=0.1, max=OUTCOME_RETRY_MAX_WAIT_S),
             retry=retry_if_exception_type(SQLAlchemyError),
             reraise=True,
             before_sleep=lambda state: log.warning(
-                "outcome write failed (try %d), retrying",
-                state.attempt_number,
-                extra=_extra(record),
+                "outcome write failed (try %d), retrying", state.attempt_number, extra=extra
             ),
         )
-        tries: list[int] = []
+        return retrying(attempt), len(tries) > 1
 
-        def write() -> bool:
-            tries.append(1)
-            return self._write(record, verdict)
-
-        written = retrying(write)
-        if not written and len(tries) > 1:
-            # A try that raised may have committed with its reply lost: then the fence
-            # turned away our own retry. The record says whether it was ours.
-            written = self._ledger.state(record.id) == (record.attempt, verdict.status)
-        if written:
+    def _logged(self, record: Record, verdict: _Verdict) -> _Verdict:
+        if verdict.status == "superseded":
+            log.warning("run %s outcome dropped: taken over", record.name, extra=_extra(record))
+        else:
             log.info("run %s %s", record.name, verdict.status, extra=_extra(record))
-            return verdict
-        log.warning("run %s outcome dropped: taken over", record.name, extra=_extra(record))
-        return _Verdict("superseded")
+        return verdict
 
     def _write(self, record: Record, verdict: _Verdict) -> bool:
         if verdict.status == "retrying":
@@ -511,12 +635,6 @@ class ExecutionGuard:
         except Exception as exc:
             # The record is ``retrying`` with its time: the sweeper re-publishes it.
             log.warning("retry publish failed: %s", describe_error(exc), extra=_extra(record))
-
-
-def _kept(dispatches: list[Dispatch], keep: Callable[[Dispatch], bool] | None) -> Dispatch | None:
-    if keep is None:
-        return None
-    return next((d for d in dispatches if keep(d)), None)
 
 
 def _extra(record: Record) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from gathering_tasks.keys import MAX_ATTEMPT_HISTORY, RETRY_CLOCK_SKEW_S
 # The hot path writes through the table (Core), not the mapped class: no ORM bookkeeping.
 EX = cast(Table, Execution.__table__)
 UNFINISHED = ("pending", "running", "retrying")
+RETRY_CLOCK_SKEW = timedelta(seconds=RETRY_CLOCK_SKEW_S)
 FINAL = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
 Refusal = Literal["missing", "kind_mismatch", "not_startable"]
 
@@ -126,6 +127,16 @@ class Dispatch:
 
 
 @dataclass(frozen=True)
+class Closing:
+    """One attempt of a batch to close (see :meth:`SqlLedger.finish_many`)."""
+
+    record: Record
+    status: str
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class Pulse:
     """A heartbeat's answer: does the attempt still own its record, and is it cancelled?"""
 
@@ -173,7 +184,15 @@ class LedgerPort(Protocol):
         self, record_id: int, *, kind: str, worker: str, task_id: str | None
     ) -> Record | StartRefused: ...
 
+    def start_many(
+        self, record_ids: list[int], *, kind: str, worker: str, task_id: str | None
+    ) -> list[Record]: ...
+
     def heartbeat(self, record_id: int, attempt: int) -> Pulse: ...
+
+    def finish_many(
+        self, closings: list[Closing], followups: list[Dispatch] | None = None
+    ) -> set[int]: ...
 
     def finish(
         self,
@@ -215,8 +234,11 @@ class Progress(Protocol):
     def settled(self, node: tuple[int, str], status: str, result: dict[str, Any] | None) -> None:
         """After commit: ``node`` (run id, node id) ended with ``status`` and ``result``."""
 
-    def advance_record(self, session: Session, record_id: int) -> list[Dispatch]:
-        """After a node's final outcome: the records that became ready."""
+    def advance_record(
+        self, session: Session, record_id: int, *, nodes: Iterable[str] = ()
+    ) -> list[Dispatch]:
+        """After a node's final outcome (and those of ``nodes``, other nodes of its run
+        closed in the same transaction): the records that became ready."""
 
     def prepare(self, session: Session, record: Record) -> Record:
         """A node record just started: the record with what its executor needs."""
@@ -238,7 +260,8 @@ class SqlLedger(Sql):
         self._opened: dict[tuple[int, int], _Opened] = {}
         self._opened_lock = threading.Lock()
         # Built once: every delivery runs these two (and a running record one per pulse).
-        self._start = self._start_statement()
+        self._start = self._start_statement(EX.c.id == bindparam("p_id"))
+        self._start_many = self._start_statement(EX.c.id.in_(bindparam("p_ids", expanding=True)))
         self._heartbeat = (
             update(EX)
             .where(
@@ -250,13 +273,13 @@ class SqlLedger(Sql):
             .returning(EX.c.cancel_requested_at)
         )
 
-    def _start_statement(self) -> Any:
+    def _start_statement(self, which: Any) -> Any:
         e = EX.c
         now = self.clock()
         return (
             update(EX)
             .where(
-                e.id == bindparam("p_id"),
+                which,
                 e.kind == bindparam("p_kind"),
                 # Cancelled while it ran (and then requeued): it never starts again.
                 e.cancel_requested_at.is_(None),
@@ -282,6 +305,7 @@ class SqlLedger(Sql):
                 updated_at=now,
             )
             .returning(
+                e.id,
                 e.attempt,
                 e.definition,
                 e.idempotency_key,
@@ -301,7 +325,7 @@ class SqlLedger(Sql):
     ) -> Record | StartRefused:
         """Move a record ``pending|retrying -> running`` if it is of ``kind``."""
         params = {"p_id": record_id, "p_kind": kind, "p_worker": worker, "p_task_id": task_id}
-        params.update(self.clock_values(skewed=timedelta(seconds=RETRY_CLOCK_SKEW_S)))
+        params.update(self.clock_values(skewed=RETRY_CLOCK_SKEW))
         if kind != "pipeline_node":
             # One statement: on PostgreSQL its own transaction, with no BEGIN or COMMIT.
             with self.single_statement() as connection:
@@ -318,6 +342,28 @@ class SqlLedger(Sql):
                 # A pipeline node: its context is read in the transaction that started it.
                 record = self.progress.prepare(session, record)
             return record
+
+    def start_many(
+        self, record_ids: list[int], *, kind: str, worker: str, task_id: str | None
+    ) -> list[Record]:
+        """:meth:`start` for several records in one transaction (a batch of one pipeline
+        run's nodes). Those that may not start are left out; the others come back in id
+        order, each with its node's context."""
+        if not record_ids:
+            return []
+        params: dict[str, Any] = {"p_ids": list(record_ids), "p_kind": kind}
+        params.update(p_worker=worker, p_task_id=task_id)
+        params.update(self.clock_values(skewed=RETRY_CLOCK_SKEW))
+        with self.write_tx() as session:
+            rows = session.connection().execute(self._start_many, params).all()
+            records = [self._started(row.id, kind, row, worker) for row in sorted(rows, key=_by_id)]
+            if self.progress is None:
+                return records
+            progress = self.progress
+            return [
+                progress.prepare(session, r) if r.pipeline_run_id is not None else r
+                for r in records
+            ]
 
     def _started(self, record_id: int, kind: str, row: Any, worker: str) -> Record:
         record = record_of(record_id, kind, row, dict(row.definition))
@@ -399,6 +445,44 @@ class SqlLedger(Sql):
         if closed and node_of_run is not None and self.progress is not None:
             self.progress.settled(node_of_run, status, result)
         return closed
+
+    def finish_many(
+        self, closings: list[Closing], followups: list[Dispatch] | None = None
+    ) -> set[int]:
+        """:meth:`finish` for several attempts of one pipeline run's nodes (a batch), each
+        with a final status, in one transaction: the run is locked once and moved on once,
+        after all of them. Returns the ids whose attempt was closed (not taken over)."""
+        if not closings:
+            return set()
+        runs = {c.record.pipeline_run_id for c in closings}
+        if len(runs) != 1 or None in runs or any(c.status not in FINAL for c in closings):
+            raise ValueError("a batch closes final outcomes of nodes of one pipeline run")
+        first = closings[0].record.id
+        closed: list[Closing] = []
+        with self.write_tx() as session:
+            progress = self.progress
+            node_of_run = progress.lock_run_of(session, first) if progress is not None else None
+            for c in closings:
+                if close_attempt(
+                    self,
+                    session,
+                    c.record.id,
+                    c.record.attempt,
+                    status=c.status,
+                    error=c.error,
+                    values={"result": c.result, "finished_at": DB_NOW},
+                    opened=self._opened_pop(c.record.id, c.record.attempt),
+                ):
+                    closed.append(c)
+            if closed and node_of_run is not None and progress is not None:
+                nodes = [str(c.record.node_id) for c in closed]
+                ready = progress.advance_record(session, first, nodes=nodes)
+                if followups is not None:
+                    followups.extend(ready)
+        if node_of_run is not None and progress is not None:
+            for c in closed:
+                progress.settled((node_of_run[0], str(c.record.node_id)), c.status, c.result)
+        return {c.record.id for c in closed}
 
     def schedule_retry(self, record_id: int, attempt: int, *, delay_s: float, error: str) -> bool:
         """Park a failed attempt as ``retrying`` until ``delay_s`` from now (database clock)."""
@@ -505,6 +589,10 @@ class SqlLedger(Sql):
             stmt = stmt.where(e.updated_at >= since)
         with self.factory() as session:
             return {status: count for status, count in session.execute(stmt).all()}
+
+
+def _by_id(row: Any) -> int:
+    return int(row.id)
 
 
 def _refusal(session: Session | Connection, record_id: int, kind: str) -> StartRefused:

@@ -27,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 from gathering_tasks.clock import utcnow
 from gathering_tasks.db.ledger import (
     FINAL,
+    Closing,
     Dispatch,
     Pulse,
     Record,
@@ -251,6 +252,25 @@ class MemoryLedger:
             row.retry_at = row.republish_at = None
             row.publish_count = 0
             return record_of(record_id, kind, row, _json(row.definition))
+
+    def start_many(
+        self, record_ids: list[int], *, kind: str, worker: str, task_id: str | None
+    ) -> list[Record]:
+        """:meth:`start` for several records; those that may not start are left out."""
+        started = (self.start(i, kind=kind, worker=worker, task_id=task_id) for i in record_ids)
+        return sorted((r for r in started if isinstance(r, Record)), key=lambda r: r.id)
+
+    def finish_many(
+        self, closings: list[Closing], followups: list[Dispatch] | None = None
+    ) -> set[int]:
+        """:meth:`finish` for several attempts; the ids whose attempt was closed."""
+        return {
+            c.record.id
+            for c in closings
+            if self.finish(
+                c.record.id, c.record.attempt, status=c.status, result=c.result, error=c.error
+            )
+        }
 
     def heartbeat(self, record_id: int, attempt: int) -> Pulse:
         """Record that the attempt's worker is alive (with the injected clock)."""

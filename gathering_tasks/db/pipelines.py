@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -431,9 +432,13 @@ class PipelineStore(Sql):
         with self._settled_lock:
             return {n: state for n in names if (state := self._settled.get((run_id, n)))}
 
-    def advance_record(self, session: Session, record_id: int) -> list[Dispatch]:
+    def advance_record(
+        self, session: Session, record_id: int, *, nodes: Iterable[str] = ()
+    ) -> list[Dispatch]:
         """The ledger's hook: after a final outcome of ``record_id``, if it is a node of a
-        pipeline run, move that run on (same transaction, after :meth:`lock_run_of`)."""
+        pipeline run, move that run on (same transaction, after :meth:`lock_run_of`).
+        ``nodes``: the records of that run whose outcomes this transaction wrote (a batch),
+        when more than ``record_id``'s own."""
         locked = session.info.get(_LOCKED, {}).get(record_id)
         if locked is None:
             if self.lock_run_of(session, record_id) is None:
@@ -448,7 +453,8 @@ class PipelineStore(Sql):
         now = datetime.now(UTC)
         spec = spec_of(session, run.pipeline_id, run.version)
         states = node_states(session, run.id, outputs_of=spec.steering)
-        _count_health(session, spec, run, record_id=node_id, states=states, now=now)
+        for closed in nodes or (node_id,):
+            _count_health(session, spec, run, record_id=closed, states=states, now=now)
         return self._progress(session, run, now, states)
 
     def _progress(
@@ -550,6 +556,32 @@ class PipelineStore(Sql):
                 session, _run_info(row), status, now=now, outputs=None, error=error, cancel=True
             )
             return status
+
+    def pending_nodes(self, run_id: int, *, limit: int) -> list[Dispatch]:
+        """Nodes of a run that are ready and not started, oldest first (none with a countdown
+        still to wait): what a worker running this run's nodes may take on next. A message
+        already out for one of them is dropped when it comes, like any duplicate."""
+        e = EX.c
+        stmt = (
+            select(e.id, e.definition)
+            .where(
+                e.pipeline_run_id == run_id,
+                e.status == "pending",
+                e.retry_at.is_(None),
+                e.cancel_requested_at.is_(None),
+            )
+            .order_by(e.id)
+            .limit(limit)
+        )
+        with self.factory() as session:
+            rows = session.connection().execute(stmt).all()
+        return [dispatch_for(row.id, "pipeline_node", row.definition) for row in rows]
+
+    def run_of(self, record_id: int) -> int | None:
+        """The pipeline run a node record belongs to."""
+        stmt = select(EX.c.pipeline_run_id).where(EX.c.id == record_id)
+        with self.factory() as session:
+            return cast("int | None", session.connection().execute(stmt).scalar())
 
     def overdue_runs(self, now: datetime, *, limit: int) -> list[int]:
         r = PipelineRun

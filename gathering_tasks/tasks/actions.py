@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import socket
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Task
@@ -42,6 +44,9 @@ from gathering_tasks.publish import publish
 log = logging.getLogger(__name__)
 
 MAX_TRIGGER_KEY_CHARS = 200
+# A batch of pipeline nodes run here grows while it lasts less than this (see _Pace).
+BATCH_TARGET_S = 0.05
+MAX_BATCH = 32
 
 
 def _timed(executor: Executor) -> Executor:
@@ -95,11 +100,33 @@ def _checked(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         raise
 
 
-def _keeper(task: Task) -> Callable[[Dispatch], bool] | None:
-    """Which ready pipeline node this task may run next itself, without a broker round trip:
-    one routed to the queue the task came from, with no countdown and no time limit of its
-    own, while the task has run under ``pipeline_inline_budget_s``. None when the task's own
-    message carried time limits (they would go on ticking over the next node)."""
+@dataclass(frozen=True)
+class _Keep:
+    """Which ready pipeline nodes a task may run itself, without a broker round trip: those
+    routed to the queue the task came from, with no countdown and no time limit of their
+    own, while the task has run under ``pipeline_inline_budget_s``."""
+
+    queue: str
+    default_queue: str
+    deadline: float
+
+    def __call__(self, dispatch: Dispatch) -> bool:
+        return (
+            dispatch.kind == "pipeline_node"
+            and not dispatch.countdown_s
+            and not dispatch.timeout_s
+            and (dispatch.queue or self.default_queue) == self.queue
+            and not self.spent
+        )
+
+    @property
+    def spent(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+
+def _keeper(task: Task) -> _Keep | None:
+    """None when the budget is 0, or the task's own message carried time limits (they
+    would go on ticking over the next nodes)."""
     settings = runtime.settings()
     budget_s = settings.pipeline_inline_budget_s
     if budget_s <= 0 or any(task.request.timelimit or ()):
@@ -107,19 +134,7 @@ def _keeper(task: Task) -> Callable[[Dispatch], bool] | None:
     queue = (task.request.delivery_info or {}).get("routing_key")
     if not queue:
         return None
-    deadline = time.monotonic() + budget_s
-    default_queue = settings.default_queue
-
-    def keep(dispatch: Dispatch) -> bool:
-        return (
-            dispatch.kind == "pipeline_node"
-            and not dispatch.countdown_s
-            and not dispatch.timeout_s
-            and (dispatch.queue or default_queue) == queue
-            and time.monotonic() < deadline
-        )
-
-    return keep
+    return _Keep(queue, settings.default_queue, time.monotonic() + budget_s)
 
 
 def _execute(
@@ -132,32 +147,99 @@ def _execute(
     )
 
 
-def _run_here(task: Task, first: Dispatch, keep: Callable[[Dispatch], bool]) -> int:
-    """Run ``first`` (a ready pipeline node, recorded ``pending`` and not published) in this
-    task, then each next node it leaves ready that ``keep`` accepts. Each is its own ledger
-    record under its own lease, as if it came from its own message. Returns how many ran."""
-    ran = 0
-    dispatch: Dispatch | None = first
-    while dispatch is not None:
+def _execute_batch(
+    task: Task, batch: list[Dispatch], keep: _Keep
+) -> tuple[list[Report], tuple[Dispatch, ...]]:
+    worker = task.request.hostname or socket.gethostname()
+    executor = _timed(resolve(KINDS["pipeline_node"].executor))
+    return guard().run_many(
+        [d.record_id for d in batch],
+        "pipeline_node",
+        executor,
+        worker=worker,
+        task_id=task.request.id,
+        keep=keep,
+    )
+
+
+class _Pace:
+    """How many ready nodes the next batch takes: one at first (a node may take seconds,
+    and then each should have a worker of its own), twice as many after each batch while
+    a batch stays under ``BATCH_TARGET_S``, at most ``MAX_BATCH``."""
+
+    def __init__(self) -> None:
+        self.size = 1
+
+    def ran(self, nodes: int, elapsed_s: float) -> None:
+        if nodes <= 0:
+            return
+        per_node_s = max(elapsed_s / nodes, 1e-6)
+        fits = max(1, int(BATCH_TARGET_S / per_node_s))
+        self.size = max(1, min(MAX_BATCH, 2 * self.size, fits))
+
+
+def _run_here(task: Task, kept: tuple[Dispatch, ...], keep: _Keep, run_id: int | None) -> int:
+    """Run pipeline nodes in this task: first the ready ones ``kept`` (recorded ``pending``
+    and not published), then those of the same run still pending, in batches (``_Pace``),
+    until none is left that ``keep`` accepts. Each is its own ledger record under its own
+    lease, as if it came from its own message. While more are left than this task takes at
+    once, one of them is published (once per task): a free worker then joins in, and does
+    the same, so a run's branches spread over as many workers as are free. Returns how
+    many ran."""
+    ran, pace, spare = 0, _Pace(), False
+    todo = list(kept)
+    while True:
+        if not todo and run_id is not None and not keep.spent:
+            found = runtime.repository().pipelines.pending_nodes(run_id, limit=4 * pace.size)
+            todo = [d for d in found if keep(d)]
+            random.shuffle(todo)  # workers draining one run start on different nodes
+        if not todo:
+            if keep.spent and run_id is not None:
+                # Out of budget with nodes left: one message, so that a worker goes on.
+                left = runtime.repository().pipelines.pending_nodes(run_id, limit=1)
+                if left:
+                    _publish_spare(left[0])
+            return ran
+        batch, rest = todo[: pace.size], todo[pace.size :]
+        if rest and not spare:
+            spare = _publish_spare(rest[-1])
         started = time.monotonic()
         try:
-            report = _execute(task, dispatch.kind, dispatch.record_id, keep)
+            reports, more = _execute_batch(task, batch, keep)
         except Exception as exc:
-            # Not started, or its outcome not written: its message goes out after all (a
-            # delivery of a record that did start is dropped; the sweeper recovers that one).
+            # Not started, or their outcomes not written: their messages go out after all
+            # (a delivery of a record that did start is dropped; the sweeper recovers it).
             log.warning(
-                "pipeline node run %d could not run here (%s); publishing it",
-                dispatch.record_id,
+                "%d pipeline node run(s) could not run here (%s); publishing them",
+                len(batch),
                 describe_error(exc),
-                extra={"run_id": dispatch.record_id},
+                extra={"pipeline_run_id": run_id},
             )
             with contextlib.suppress(Exception):
-                publish_one(dispatch)
+                publish_many(batch)
             return ran
-        metrics.ran(dispatch.kind, report.status, time.monotonic() - started)
-        ran += 1
-        dispatch = report.next
-    return ran
+        elapsed_s = time.monotonic() - started
+        executed = [r for r in reports if r.status != "dropped"]
+        for report in executed:
+            metrics.ran("pipeline_node", report.status, elapsed_s / len(executed))
+            run_id = report.pipeline_run_id or run_id
+        ran += len(executed)
+        pace.ran(len(executed), elapsed_s)
+        # What this batch made ready first; what was offered before may be taken by now.
+        todo = list(more)
+
+
+def _publish_spare(dispatch: Dispatch) -> bool:
+    with contextlib.suppress(Exception):
+        publish_one(dispatch)
+        return True
+    return False
+
+
+def _joins_in(kind_name: str, report: Report) -> bool:
+    """A node's message that came after its record was taken (by a worker running the
+    run's nodes): its run may still have ready nodes for this worker to take part in."""
+    return kind_name == "pipeline_node" and report.status == "dropped"
 
 
 def _describe(report: Report) -> str:
@@ -200,12 +282,15 @@ def _register(kind_name: str) -> Any:
         keep = _keeper(self)
         report = _execute(self, kind_name, args[0], keep)
         metrics.ran(kind_name, report.status, time.monotonic() - started)
-        if report.next is not None and keep is not None:
-            ran = _run_here(self, report.next, keep)
+        if keep is not None and (report.kept or _joins_in(kind_name, report)):
+            run_id = report.pipeline_run_id
+            if run_id is None and kind_name == "pipeline_node":
+                run_id = runtime.repository().pipelines.run_of(report.record_id)
+            ran = _run_here(self, report.kept, keep, run_id)
             log.info(
-                "ran %d next pipeline node(s) in this task",
+                "ran %d more pipeline node(s) in this task",
                 ran,
-                extra={"run_id": report.record_id},
+                extra={"run_id": report.record_id, "pipeline_run_id": run_id},
             )
         return celery_outcome(report)
 

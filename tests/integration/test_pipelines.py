@@ -13,13 +13,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from pytest_httpserver import HTTPServer
+from sqlalchemy import event
 
+from gathering_tasks import keys
 from gathering_tasks.api import ActionService, PipelineService
 from gathering_tasks.db.ledger import Dispatch, Record
 from gathering_tasks.db.repo import Repository
 from gathering_tasks.errors import InvalidInput, NotFound
 from gathering_tasks.guard import ExecutionGuard
+from gathering_tasks.locks import Lease
 from gathering_tasks.pipelines import executor
 from gathering_tasks.settings import Settings, get_settings
 from gathering_tasks.work import NODE_SKILLS
@@ -462,16 +466,176 @@ def test_a_kept_follow_up_is_not_published_and_is_handed_back_to_run_here(
     # Then of the two branches made ready, the kept one is handed back (recorded pending)
     # and only the other one is published
     assert report.status == "succeeded"
-    assert report.next is not None and report.next.record_id == offered[0]
+    assert [d.record_id for d in report.kept] == offered[:1]
     published = [d.record_id for d in drain.queue]
-    assert len(published) == 1 and published[0] != report.next.record_id
-    kept = pipelines.repo.ledger.get(report.next.record_id)
+    assert len(published) == 1 and published[0] != offered[0]
+    kept = pipelines.repo.ledger.get(offered[0])
     assert kept["status"] == "pending"
     # and running it here, then draining the rest, completes the run once per node
-    drain.queue.appendleft(report.next)
+    drain.queue.extendleft(report.kept)
     drain.run()
     result = service.get_run(run_id)
     assert result["status"] == "succeeded"
     assert Counter(drain.executed) == Counter(
         {n: 1 for n in ("start", "left", "right", "both", "total")}
     )
+
+
+def fan(width: int, *, failing: int | None = None) -> dict[str, Any]:
+    """trigger -> parallel -> ``width`` nodes -> join -> one last node."""
+    leaves = [f"leaf-{i}" for i in range(width)]
+
+    def task(name: str, *args: int) -> dict[str, Any]:
+        return {"action_type": "run_task", "config": {"task": name, "args": list(args)}}
+
+    def leaf(i: int) -> dict[str, Any]:
+        return task("demo.fail") if i == failing else task("demo.add", i, 1)
+
+    return {
+        "nodes": [
+            {"id": "start", "type": "trigger"},
+            {"id": "split", "type": "parallel"},
+            *({"id": n, "type": "action", "config": leaf(i)} for i, n in enumerate(leaves)),
+            {"id": "gather", "type": "join"},
+            {"id": "after", "type": "action", "config": task("demo.add", 1, 2)},
+        ],
+        "edges": [
+            {"from": "start", "to": "split"},
+            *({"from": "split", "to": n} for n in leaves),
+            *({"from": n, "to": "gather"} for n in leaves),
+            {"from": "gather", "to": "after"},
+        ],
+    }
+
+
+def fanned_out(pipelines: PipelineService, drain: Drain, name: str) -> tuple[int, list[Dispatch]]:
+    """A run of ``name`` whose trigger and split ran: its leaves are published."""
+    service = publishing_to(pipelines, drain)
+    run_id = service.run(name, {"x": 1})
+    while drain.queue and "split" not in drain.executed:
+        drain.run(limit=1)
+    leaves = list(drain.queue)
+    drain.queue.clear()
+    return run_id, leaves
+
+
+def commits_during(repo: Repository, work: Any) -> tuple[Any, int]:
+    engine = repo.ledger.factory.kw["bind"]
+    commits: list[int] = []
+
+    def count(_connection: Any) -> None:
+        commits.append(1)
+
+    event.listen(engine, "commit", count)
+    try:
+        return work(), len(commits)
+    finally:
+        event.remove(engine, "commit", count)
+
+
+def test_a_batch_of_ready_nodes_starts_in_one_transaction_and_ends_in_another(
+    pipelines: PipelineService, drain: Drain
+):
+    # Given a run fanned out to 12 leaves, their messages published
+    pipelines.create("fan-batch", fan(12))
+    run_id, leaves = fanned_out(pipelines, drain, "fan-batch")
+    assert len(leaves) == 12
+    # and the store offering them as the run's pending nodes
+    offered = pipelines.repo.pipelines.pending_nodes(run_id, limit=100)
+    assert sorted(d.record_id for d in offered) == sorted(d.record_id for d in leaves)
+
+    # When one worker runs them as one batch
+    def batch() -> Any:
+        return drain.guard.run_many(
+            [d.record_id for d in offered],
+            "pipeline_node",
+            drain._executor("pipeline_node"),
+            worker="w",
+            task_id="batch",
+            keep=lambda d: False,
+        )
+
+    (reports, kept), commits = commits_during(pipelines.repo, batch)
+
+    # Then every leaf ran once and succeeded, in two transactions in all
+    assert [r.status for r in reports] == ["succeeded"] * 12
+    assert {r.pipeline_run_id for r in reports} == {run_id}
+    assert commits == 2
+    assert Counter(drain.executed)["leaf-3"] == 1
+    # and the join, made ready by the batch's outcome, was published once
+    assert kept == () and len(drain.queue) == 1
+    # Each leaf has its own record: its attempt, its worker and task, its output
+    nodes = nodes_of(publishing_to(pipelines, drain).get_run(run_id))
+    for i in range(12):
+        leaf = nodes[f"leaf-{i}"]
+        assert (leaf["status"], leaf["attempt"], leaf["worker"]) == ("succeeded", 1, "w")
+        assert leaf["output"] == {"sum": i + 1}
+        assert [a["status"] for a in leaf["attempts"]] == ["succeeded"]
+    # and the rest of the run completes once per node
+    drain.run()
+    result = publishing_to(pipelines, drain).get_run(run_id)
+    assert result["status"] == "succeeded"
+    assert all(n == 1 for n in Counter(drain.executed).values())
+    # and a second delivery of a leaf is dropped
+    again, _ = drain.guard.run_many(
+        [leaves[0].record_id, leaves[1].record_id],
+        "pipeline_node",
+        drain._executor("pipeline_node"),
+        worker="w2",
+        task_id=None,
+    )
+    assert [r.status for r in again] == ["dropped", "dropped"]
+
+
+def test_a_failing_node_in_a_batch_fails_the_run_and_the_others_keep_their_outcomes(
+    pipelines: PipelineService, drain: Drain
+):
+    # Given a run fanned out to 5 leaves, one of which always fails (no retry)
+    pipelines.create("fan-fail", fan(5, failing=2))
+    run_id, leaves = fanned_out(pipelines, drain, "fan-fail")
+
+    # When they run as one batch
+    reports, _kept = drain.guard.run_many(
+        [d.record_id for d in leaves],
+        "pipeline_node",
+        drain._executor("pipeline_node"),
+        worker="w",
+        task_id=None,
+    )
+
+    # Then the failing leaf failed with its error, the others succeeded
+    statuses = [r.status for r in reports]
+    assert statuses.count("failed") == 1 and statuses.count("succeeded") == 4
+    result = publishing_to(pipelines, drain).get_run(run_id)
+    nodes = nodes_of(result)
+    assert "this handler always fails" in nodes["leaf-2"]["error"]
+    assert nodes["leaf-0"]["status"] == "succeeded"
+    # and the run failed, naming it, with nothing after the join started
+    assert result["status"] == "failed" and "leaf-2" in result["error"]
+    assert "gather" not in nodes and not drain.queue
+
+
+def test_a_batch_skips_the_nodes_another_worker_holds(
+    pipelines: PipelineService, drain: Drain, settings: Settings
+):
+    # Given a run fanned out to 4 leaves, one of them leased by another worker
+    pipelines.create("fan-held", fan(4))
+    _run_id, leaves = fanned_out(pipelines, drain, "fan-held")
+    client = redis.Redis.from_url(settings.redis_url)
+    held = Lease(client, keys.run_lock(settings.key_prefix, leaves[1].record_id), 30)
+    assert held.acquire()
+    try:
+        # When the batch runs
+        reports, _kept = drain.guard.run_many(
+            [d.record_id for d in leaves],
+            "pipeline_node",
+            drain._executor("pipeline_node"),
+            worker="w",
+            task_id=None,
+        )
+    finally:
+        held.release()
+
+    # Then that one is dropped, untouched, and the other three ran
+    assert [r.status for r in reports] == ["succeeded", "dropped", "succeeded", "succeeded"]
+    assert pipelines.repo.ledger.get(leaves[1].record_id)["status"] == "pending"
