@@ -53,6 +53,9 @@ from gathering_tasks.policy import bounded_result, describe_error, retry_delay_s
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# A record of a batch that has run this long hands back the records still waiting behind
+# it (see _Turns), so that a slow node never holds the others up while workers are free.
+BATCH_HOLD_S = 0.1
 
 Executor = Callable[[Record, threading.Event], "Mapping[str, Any] | Detached | None"]
 Outcome = Literal[
@@ -83,6 +86,7 @@ class GuardConfig:
     max_result_bytes: int
     outcome_retry_s: float = 300.0
     retry_jitter: float = 0.0
+    batch_hold_s: float = BATCH_HOLD_S
 
 
 class _Interrupter:
@@ -248,6 +252,18 @@ class _Keepers:
         self._closing.set()
 
     @property
+    def lease(self) -> LeaseLike:
+        return self._lease
+
+    def stop(self) -> None:
+        """What leaving the block does, now (a second call, or the exit, does nothing)."""
+        self.__exit__(None, None, None)
+
+    def check(self) -> None:
+        """Stamp the heartbeat now: a record taken over or being cancelled sets the abort."""
+        self._heartbeat()
+
+    @property
     def _extra(self) -> dict[str, Any]:
         return {"run_id": self._record.id, "attempt": self._record.attempt}
 
@@ -279,6 +295,57 @@ class _Keepers:
             log.warning("run cancellation requested; aborting", extra=self._extra)
             self.abort.trigger("cancelled")
         return True
+
+
+class _Turns:
+    """The records of a batch, each with its keepers, in the order they run. Once the one
+    running has run ``hold_s``, those still waiting are handed back (the heartbeat thread's
+    duty :meth:`watch`): undone in the ledger, their leases released, published, for free
+    workers to take. A lock keeps that from racing the next turn."""
+
+    def __init__(
+        self,
+        entries: list[tuple[Record, _Keepers]],
+        hold_s: float,
+        hand_back: Callable[[list[tuple[Record, _Keepers]]], set[int]],
+        handed_back: set[int],
+    ) -> None:
+        self._lock = threading.Lock()
+        self._waiting = list(entries)
+        self._hold_s = hold_s
+        self._hand_back = hand_back
+        self._began = time.monotonic()
+        self.handed_back = handed_back  # filled in place
+
+    def next(self) -> tuple[Record, _Keepers] | None:
+        """The next record to run (None: the batch is over)."""
+        with self._lock:
+            if not self._waiting:
+                return None
+            self._began = time.monotonic()
+            return self._waiting.pop(0)
+
+    def watch(self) -> bool:
+        """Hand the waiting records back if the running one is past ``hold_s``; False once
+        there is nothing left to watch."""
+        with self._lock:
+            if not self._waiting:
+                return False
+            if time.monotonic() - self._began < self._hold_s:
+                return True
+            back = self._hand_back(self._waiting)
+            self.handed_back |= back
+            self._waiting = [entry for entry in self._waiting if entry[0].id not in back]
+            return bool(self._waiting)
+
+    @contextmanager
+    def watched(self) -> Iterator[_Turns]:
+        key = id(self)
+        _HEARTBEATS.add(key, self.watch, self._hold_s / 2)
+        try:
+            yield self
+        finally:
+            _HEARTBEATS.remove(key, wait_s=self._hold_s + 1)
 
 
 @dataclass(frozen=True)
@@ -382,41 +449,22 @@ class ExecutionGuard:
         outcome that is not final (a retry) is written on its own, as a lone record's is.
         Returns a report per record id, in order, and the follow-ups ``keep`` accepted."""
         reports: dict[int, Report] = {}
-        leases: dict[int, LeaseLike] = {}
-        for record_id in record_ids:
-            lease = self._lease_for(record_id)
-            if lease.acquire():
-                leases[record_id] = lease
-            else:
-                log.info(
-                    "run is leased by another worker; dropping this delivery",
-                    extra={"run_id": record_id, "kind": kind},
-                )
-                reports[record_id] = Report("dropped", record_id, detail="leased by another worker")
+        leases = self._acquire(record_ids, kind, reports)
         done: list[tuple[Record, _Verdict]] = []
+        back: set[int] = set()  # handed back (their leases released then)
         try:
             records = self._start(list(leases), kind, worker, task_id, reports)
             for record_id in [i for i in leases if i in reports]:
                 leases.pop(record_id).release()
-            with ExitStack() as stack:
-                keepers = [
-                    stack.enter_context(_Keepers(self._ledger, leases[r.id], r, self._config))
-                    for r in records
-                ]
-                for record, keeper in zip(records, keepers, strict=True):
-                    reason = keeper.abort.reason
-                    verdict = (
-                        self._run(record, executor, keeper.abort)
-                        if reason is None
-                        # Cancelled or taken over while it waited for its turn in a batch.
-                        else _Verdict(reason, error=f"run {reason} before it began")
-                    )
-                    keeper.closing()
-                    done.append((record, verdict))
-                done = self._record_outcomes(done)
+            done = self._take_turns(records, leases, executor, back)
         finally:
-            for lease in leases.values():
-                lease.release()
+            for record_id, lease in leases.items():
+                if record_id not in back:
+                    lease.release()
+        for record_id in back:
+            reports[record_id] = Report(
+                "dropped", record_id, detail="handed back: a slow node held up its batch"
+            )
         followups: list[Dispatch] = []
         for record, verdict in done:
             if verdict.retry_delay_s is not None:
@@ -436,6 +484,78 @@ class ExecutionGuard:
         if others:
             self._publish_followups(others)
         return [reports[i] for i in record_ids], kept
+
+    def _acquire(
+        self, record_ids: list[int], kind: str, reports: dict[int, Report]
+    ) -> dict[int, LeaseLike]:
+        """The records' leases; a report for each that another worker holds."""
+        leases: dict[int, LeaseLike] = {}
+        for record_id in record_ids:
+            lease = self._lease_for(record_id)
+            if lease.acquire():
+                leases[record_id] = lease
+            else:
+                log.info(
+                    "run is leased by another worker; dropping this delivery",
+                    extra={"run_id": record_id, "kind": kind},
+                )
+                reports[record_id] = Report("dropped", record_id, detail="leased by another worker")
+        return leases
+
+    def _take_turns(
+        self,
+        records: list[Record],
+        leases: dict[int, LeaseLike],
+        executor: Executor,
+        back: set[int],
+    ) -> list[tuple[Record, _Verdict]]:
+        """Run the started records in turn, each under its keepers, and write their
+        outcomes. The ids of those handed back meanwhile are added to ``back``."""
+        done: list[tuple[Record, _Verdict]] = []
+        with ExitStack() as stack:
+            entries = [
+                (r, stack.enter_context(_Keepers(self._ledger, leases[r.id], r, self._config)))
+                for r in records
+            ]
+            turns = _Turns(entries, self._config.batch_hold_s, self._hand_back, back)
+            if len(entries) > 1:
+                stack.enter_context(turns.watched())
+            while (entry := turns.next()) is not None:
+                record, keeper = entry
+                reason = keeper.abort.reason
+                verdict = (
+                    self._run(record, executor, keeper.abort)
+                    if reason is None
+                    # Cancelled or taken over while it waited for its turn in a batch.
+                    else _Verdict(reason, error=f"run {reason} before it began")
+                )
+                keeper.closing()
+                done.append((record, verdict))
+            return self._record_outcomes(done)
+
+    def _hand_back(self, waiting: list[tuple[Record, _Keepers]]) -> set[int]:
+        """Hand the records that wait in a batch back (see :class:`_Turns`): the ids that
+        went back. Those that did not (cancelled, or taken over) learn why before their turn."""
+        try:
+            back = self._ledger.hand_back([record for record, _k in waiting])
+        except Exception as exc:  # they wait for their turn after all
+            log.warning("handing back %d waiting run(s) failed: %s", len(waiting), exc)
+            return set()
+        for record, keeper in waiting:
+            if record.id in back:
+                keeper.stop()
+                keeper.lease.release()
+            else:
+                keeper.check()
+        dispatches = [
+            dispatch_for(r.id, r.kind, r.definition, slot=r.scheduled_for, attempt=r.attempt)
+            for r, _k in waiting
+            if r.id in back
+        ]
+        if dispatches:
+            log.info("handed back %d run(s) a slow node held up", len(dispatches))
+            self._publish_followups(dispatches)
+        return back
 
     def _start(
         self,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from gathering_tasks.db.ledger import Dispatch, Pulse, Record, StartRefused
+from gathering_tasks.db.ledger import Closing, Dispatch, Pulse, Record, StartRefused
 from gathering_tasks.db.memory import MemoryLedger
 
 Renewal = Literal["held", "lost", "unknown"]
@@ -169,9 +169,27 @@ class JournaledLedger:
         )
         return result
 
+    def start_many(
+        self, record_ids: list[int], *, kind: str, worker: str, task_id: str | None
+    ) -> list[Record]:
+        result: list[Record] = self._call(
+            "start_many", self.inner.start_many, record_ids, kind=kind, worker=worker, task_id=task_id
+        )
+        return result
+
     def heartbeat(self, record_id: int, attempt: int) -> Pulse:
         result: Pulse = self._call("heartbeat", self.inner.heartbeat, record_id, attempt)
         return result
+
+    def hand_back(self, records: list[Record]) -> set[int]:
+        back: set[int] = self._call("hand_back", self.inner.hand_back, records)
+        return back
+
+    def finish_many(
+        self, closings: list[Closing], followups: list[Dispatch] | None = None
+    ) -> set[int]:
+        closed: set[int] = self._call("finish_many", self.inner.finish_many, closings, followups)
+        return closed
 
     def finish(
         self,

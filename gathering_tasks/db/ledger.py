@@ -190,6 +190,8 @@ class LedgerPort(Protocol):
 
     def heartbeat(self, record_id: int, attempt: int) -> Pulse: ...
 
+    def hand_back(self, records: list[Record]) -> set[int]: ...
+
     def finish_many(
         self, closings: list[Closing], followups: list[Dispatch] | None = None
     ) -> set[int]: ...
@@ -271,6 +273,26 @@ class SqlLedger(Sql):
             )
             .values(heartbeat_at=self.clock())
             .returning(EX.c.cancel_requested_at)
+        )
+        self._hand_back = (
+            update(EX)
+            .where(
+                EX.c.id == bindparam("p_id"),
+                EX.c.attempt == bindparam("p_attempt"),
+                EX.c.status == "running",
+                # A cancelled one is closed by the worker that holds it, as cancelled.
+                EX.c.cancel_requested_at.is_(None),
+            )
+            .values(
+                status="pending",
+                attempt=EX.c.attempt - 1,
+                worker=None,
+                celery_task_id=None,
+                started_at=None,
+                heartbeat_at=None,
+                updated_at=self.clock(),
+            )
+            .returning(EX.c.id)
         )
 
     def _start_statement(self, which: Any) -> Any:
@@ -389,6 +411,23 @@ class SqlLedger(Sql):
         if row is None:
             return Pulse(owned=False)
         return Pulse(owned=True, cancel_requested=row.cancel_requested_at is not None)
+
+    def hand_back(self, records: list[Record]) -> set[int]:
+        """Undo the start of records this process started and never began (they waited in a
+        batch): ``pending`` again, with the attempt they had, for any worker to start. The
+        attempt was never made, so it is not counted and leaves no history. Fenced by the
+        attempt, ``running`` and no cancellation asked for. Returns the ids handed back."""
+        back: set[int] = set()
+        with self.write_tx() as session:
+            connection = session.connection()
+            for record in records:
+                params = {"p_id": record.id, "p_attempt": record.attempt, **self.clock_values()}
+                if connection.execute(self._hand_back, params).first() is not None:
+                    back.add(record.id)
+        for record in records:
+            if record.id in back:
+                self._opened_pop(record.id, record.attempt)
+        return back
 
     def finish(
         self,

@@ -46,6 +46,7 @@ LedgerMethod = Literal[
     "add",
     "start",
     "heartbeat",
+    "hand_back",
     "finish",
     "schedule_retry",
     "dispatch_of",
@@ -259,6 +260,26 @@ class MemoryLedger:
         """:meth:`start` for several records; those that may not start are left out."""
         started = (self.start(i, kind=kind, worker=worker, task_id=task_id) for i in record_ids)
         return sorted((r for r in started if isinstance(r, Record)), key=lambda r: r.id)
+
+    def hand_back(self, records: list[Record]) -> set[int]:
+        """Started records that never began go back to ``pending`` with their former attempt
+        (fenced by attempt, ``running`` and no cancellation asked for)."""
+        with self._call("hand_back"):
+            back: set[int] = set()
+            for record in records:
+                row = self._rows.get(record.id)
+                if (
+                    row is None
+                    or (row.attempt, row.status) != (record.attempt, "running")
+                    or row.cancel_requested_at is not None
+                ):
+                    continue
+                row.status, row.attempt = "pending", row.attempt - 1
+                row.worker = row.celery_task_id = None
+                row.started_at = row.heartbeat_at = None
+                row.updated_at = self._now()
+                back.add(record.id)
+            return back
 
     def finish_many(
         self, closings: list[Closing], followups: list[Dispatch] | None = None

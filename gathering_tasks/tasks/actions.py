@@ -200,7 +200,7 @@ def _run_here(task: Task, kept: tuple[Dispatch, ...], keep: _Keep, run_id: int |
                 if left:
                     _publish_spare(left[0])
             return ran
-        batch, rest = todo[: pace.size], todo[pace.size :]
+        batch, rest = sorted(todo[: pace.size], key=_by_record), todo[pace.size :]
         if rest and not spare:
             spare = _publish_spare(rest[-1])
         started = time.monotonic()
@@ -227,6 +227,11 @@ def _run_here(task: Task, kept: tuple[Dispatch, ...], keep: _Keep, run_id: int |
         pace.ran(len(executed), elapsed_s)
         # What this batch made ready first; what was offered before may be taken by now.
         todo = list(more)
+
+
+def _by_record(dispatch: Dispatch) -> int:
+    """A batch runs in record order, which is the run's order of its nodes."""
+    return dispatch.record_id
 
 
 def _publish_spare(dispatch: Dispatch) -> bool:

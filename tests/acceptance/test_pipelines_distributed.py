@@ -712,3 +712,107 @@ def test_with_no_inline_budget_every_node_of_a_chain_comes_in_its_own_message(
     assert nodes_of(done)["b"]["output"] == {"sum": 4}
     assert None not in carried.values()
     assert len(set(carried.values())) == 3
+
+
+QUICK_CHAIN = 6  # quick nodes one after another: enough for a worker's batches to grow
+
+
+def after_quick_chain(*branches: dict[str, Any]) -> dict[str, Any]:
+    """trigger -> QUICK_CHAIN additions in a row -> parallel -> ``branches`` -> join."""
+    chain = [f"c{i}" for i in range(QUICK_CHAIN)]
+    names = [str(branch["id"]) for branch in branches]
+    return {
+        "nodes": [
+            {"id": "start", "type": "trigger"},
+            *(action(node_id, add(i, 1)) for i, node_id in enumerate(chain)),
+            {"id": "split", "type": "parallel"},
+            *branches,
+            {"id": "both", "type": "join"},
+        ],
+        "edges": edges(
+            *zip(["start", *chain[:-1]], chain, strict=True),
+            (chain[-1], "split"),
+            *(("split", name) for name in names),
+            *((name, "both") for name in names),
+        ),
+    }
+
+
+@POSTGRES_ONLY
+def test_branches_ready_after_a_run_of_quick_nodes_still_run_on_two_workers_at_once(
+    db_url: str, redis_url: str, pipelines: PipelineService, sink: HTTPServer, tmp_path: Path
+) -> None:
+    # Given quick nodes in a row (so the worker running them takes ready nodes in growing
+    # batches), then two branches that each wait at the sink until both are in
+    meet = Rendezvous(("left", "right"))
+    for name in meet.branches:
+        sink.expect_request(f"/{name}", method="GET").respond_with_handler(meet.branch(name))
+
+    def get(node_id: str) -> dict[str, Any]:
+        config = {"method": "GET", "url": sink.url_for(f"/{node_id}")}
+        return action(node_id, {"action_type": "call_api", "config": config})
+
+    pipelines.create("quick-then-wide", after_quick_chain(get("left"), get("right")))
+    with running_stack(stack_env(db_url, redis_url), tmp_path) as stack:
+        ready(stack.worker("w1", 1), stack.worker("w2", 1))
+
+        # When it runs
+        done = ended(pipelines, pipelines.run("quick-then-wide"))
+        carried = task_ids(pipelines.repo, done["id"])
+
+    # Then the quick nodes ran in the task that brought the first of them
+    assert done["status"] == "succeeded", (done["error"], done["nodes"])
+    assert len({carried[f"c{i}"] for i in range(QUICK_CHAIN)}) == 1
+    # and the branch waiting behind the other was handed back, so the two ran at the same
+    # time on the two workers, each once
+    nodes = nodes_of(done)
+    left, right = nodes["left"], nodes["right"]
+    assert {left["worker"].split("@")[0], right["worker"].split("@")[0]} == {"w1", "w2"}
+    (left_start, left_end), (right_start, right_end) = interval(left), interval(right)
+    assert max(left_start, right_start) < min(left_end, right_end)
+    assert all(ran_once(node) for node in done["nodes"]), done["nodes"]
+
+
+@POSTGRES_ONLY
+def test_a_worker_killed_in_the_middle_of_a_batch_leaves_a_run_that_completes(
+    db_url: str, redis_url: str, pipelines: PipelineService, client: redis.Redis, tmp_path: Path
+) -> None:
+    # Given quick nodes in a row, then a long node (first in its batch) and three quick ones
+    # beside it, each allowed two attempts
+    retry = {"max_attempts": 2, "backoff_s": 0, "jitter": 0}
+    quick = [action(f"q{i}", add(i, 10), retry=retry) for i in range(3)]
+    pipelines.create(
+        "killed-batch",
+        after_quick_chain(action("long", steps(600, later_count=1), retry=retry), *quick),
+    )
+    with running_stack(stack_env(db_url, redis_url), tmp_path) as stack:
+        victim = stack.worker("victim", 1, *INCLUDE)
+        beat = stack.beat("b1")
+        ready(victim)
+        leading(beat)
+        run_id = pipelines.run("killed-batch")
+        long_id = node_running(pipelines.repo, run_id, "long")
+        wait_for(lambda: steps_taken(client, long_id, 1) >= 1, RUN_S, "the long node to work")
+        # the quick ones behind it in its batch were handed back: pending, never started
+        for i in range(3):
+            wait_for(
+                lambda i=i: node_row(pipelines.repo, run_id, f"q{i}").attempt == 0,
+                RUN_S,
+                f"q{i} to be handed back",
+            )
+
+        # When the worker is SIGKILLed inside the long node, and another one starts
+        victim.kill()
+        ready(stack.worker("heir", 1, *INCLUDE))
+        done = ended(pipelines, run_id)
+
+    # Then the run completed: the long node on its second attempt, handed on by the sweeper
+    assert done["status"] == "succeeded", (done["error"], done["nodes"])
+    nodes = nodes_of(done)
+    assert history(nodes["long"]) == [(1, "pending"), (2, "succeeded")]
+    assert nodes["long"]["worker"].startswith("heir@")
+    assert marks(client) == [mark(long_id, 2)]
+    # and every other node ran once: the quick ones behind the long one were not charged
+    # an attempt for the batch they waited in
+    assert [n["node_id"] for n in done["nodes"] if n["node_id"] != "long" and not ran_once(n)] == []
+    assert [nodes[f"q{i}"]["output"] for i in range(3)] == [{"sum": i + 10} for i in range(3)]

@@ -28,6 +28,7 @@ from gathering_tasks.pipelines import executor
 from gathering_tasks.settings import Settings, get_settings
 from gathering_tasks.work import NODE_SKILLS
 from tests.factories import make_guard
+from tests.servers import wait_for
 
 Abort = threading.Event
 
@@ -639,3 +640,84 @@ def test_a_batch_skips_the_nodes_another_worker_holds(
     # Then that one is dropped, untouched, and the other three ran
     assert [r.status for r in reports] == ["succeeded", "dropped", "succeeded", "succeeded"]
     assert pipelines.repo.ledger.get(leaves[1].record_id)["status"] == "pending"
+
+
+HELD_S = 30.0  # the longest a test holds a node in the middle of its batch
+
+
+def holding_first(drain: Drain, until: Any, before: Any = None) -> tuple[Any, list[str]]:
+    """The node executor, except that the first node it runs waits for ``until()`` (after
+    ``before()``) before it works: a slow node at the head of a batch."""
+    run_node = drain._executor("pipeline_node")
+    began: list[str] = []
+
+    def node(record: Record, abort: Any) -> Any:
+        began.append(str(record.node_id))
+        if len(began) == 1:
+            if before is not None:
+                before()
+            wait_for(until, HELD_S, "the waiting nodes to be handed back")
+        return run_node(record, abort)
+
+    return node, began
+
+
+def test_a_slow_node_hands_back_the_nodes_waiting_behind_it_in_its_batch(
+    pipelines: PipelineService, drain: Drain
+):
+    # Given a run fanned out to 4 leaves, taken as one batch, whose first node is slow: it
+    # works only once the three behind it are published again
+    pipelines.create("fan-slow", fan(4))
+    run_id, leaves = fanned_out(pipelines, drain, "fan-slow")
+    ids = [d.record_id for d in leaves]
+    node, began = holding_first(drain, until=lambda: len(drain.queue) == 3)
+
+    # When the batch runs
+    reports, _kept = drain.guard.run_many(ids, "pipeline_node", node, worker="w", task_id="b")
+
+    # Then only the first ran here; the three behind it were handed back while it ran
+    assert len(began) == 1
+    assert [r.status for r in reports] == ["succeeded", "dropped", "dropped", "dropped"]
+    assert {r.detail for r in reports[1:]} == {"handed back: a slow node held up its batch"}
+    assert sorted(d.record_id for d in drain.queue) == sorted(ids[1:])
+    # each pending again as if never started: no attempt counted, none in its history
+    for record_id in ids[1:]:
+        row = pipelines.repo.ledger.get(record_id)
+        assert (row["status"], row["attempt"], row["worker"], row["attempts"] or []) == (
+            "pending",
+            0,
+            None,
+            [],
+        )
+    # and free to take: another worker runs them (first attempts), and the run completes
+    drain.run()
+    result = publishing_to(pipelines, drain).get_run(run_id)
+    assert result["status"] == "succeeded", result["error"]
+    nodes = nodes_of(result)
+    assert [nodes[f"leaf-{i}"]["attempt"] for i in range(4)] == [1, 1, 1, 1]
+    assert all(n == 1 for n in Counter(drain.executed).values())
+
+
+def test_a_node_cancelled_while_it_waits_in_a_batch_is_not_handed_back_and_never_runs(
+    pipelines: PipelineService, drain: Drain
+):
+    # Given a batch of 3 leaves whose first node is slow, and the last one's cancellation
+    # asked for while the first works
+    pipelines.create("fan-cancel", fan(3))
+    _run_id, leaves = fanned_out(pipelines, drain, "fan-cancel")
+    ids = [d.record_id for d in leaves]
+    ledger = pipelines.repo.ledger
+    node, began = holding_first(
+        drain, before=lambda: ledger.cancel(ids[2]), until=lambda: len(drain.queue) == 1
+    )
+
+    # When the batch runs
+    reports, _kept = drain.guard.run_many(ids, "pipeline_node", node, worker="w", task_id="b")
+
+    # Then the middle one was handed back, and the cancelled one stayed to be closed here,
+    # cancelled before it began; it never ran
+    assert [r.status for r in reports] == ["succeeded", "dropped", "cancelled"]
+    assert [d.record_id for d in drain.queue] == [ids[1]]
+    assert began == ["leaf-0"]
+    row = ledger.get(ids[2])
+    assert (row["status"], row["error"]) == ("cancelled", "run cancelled before it began")

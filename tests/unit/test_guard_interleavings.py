@@ -466,3 +466,67 @@ def test_a_heartbeat_that_lands_after_the_outcome_does_not_call_the_run_taken_ov
     assert world.ledger.get(record_id)["status"] == "succeeded"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert not [w for w in warnings if "taken over" in w or "aborting" in w], warnings
+
+
+# -- a batch held up by a slow record --------------------------------------------------------
+
+
+def run_batch(world: World, record_ids: list[int], executor: Executor) -> list[str]:
+    reports, _kept = world.guard.run_many(record_ids, KIND, executor, worker="w1", task_id="t")
+    return [report.status for report in reports]
+
+
+def test_records_waiting_behind_a_slow_one_in_a_batch_go_back_unstarted_and_are_published(
+    world: World,
+) -> None:
+    # Given a batch of three records whose first one works until the others are published
+    record_ids = [world.add() for _ in range(3)]
+    began: list[int] = []
+
+    def executor(record: Record, _abort: threading.Event) -> dict[str, Any]:
+        began.append(record.id)
+        assert spin_until(lambda: len(world.published) == 2)
+        return {"n": record.id}
+
+    # When the batch runs
+    statuses_ = run_batch(world, record_ids, executor)
+
+    # Then the first succeeded here, and the two behind it were handed back while it ran:
+    # pending at attempt 0, with no history, their leases released, one message each
+    assert statuses_ == ["succeeded", "dropped", "dropped"]
+    assert began == record_ids[:1]
+    assert sorted(d.record_id for d, _delay in world.published) == record_ids[1:]
+    for record_id in record_ids[1:]:
+        record = world.ledger.get(record_id)
+        assert (record["status"], record["attempt"], record["worker"]) == ("pending", 0, None)
+        assert statuses(record) == []
+    assert world.journal.count("lease.release") == 3
+    # and another worker starts them as their first attempt
+    assert world.execute(record_ids[1], executor, worker="w2") == "succeeded"
+    assert world.ledger.get(record_ids[1])["attempt"] == 1
+
+
+def test_a_batch_whose_hand_back_cannot_be_written_runs_its_records_in_turn(
+    world: World,
+) -> None:
+    # Given a batch of three whose first record is slow, and a database that refuses to
+    # take the waiting ones back
+    record_ids = [world.add() for _ in range(3)]
+    world.ledger.fail_next("hand_back", times=1000)
+    began: list[int] = []
+
+    def executor(record: Record, _abort: threading.Event) -> dict[str, Any]:
+        began.append(record.id)
+        assert spin_until(lambda: world.journal.count("ledger.hand_back:raised") >= 1)
+        return {"n": record.id}
+
+    # When the batch runs
+    statuses_ = run_batch(world, record_ids, executor)
+
+    # Then all three ran here, in turn, each once, and nothing was published
+    assert statuses_ == ["succeeded"] * 3
+    assert began == record_ids
+    assert world.published == []
+    for record_id in record_ids:
+        record = world.ledger.get(record_id)
+        assert (record["status"], record["attempt"], record["worker"]) == ("succeeded", 1, "w1")
