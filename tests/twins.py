@@ -173,7 +173,12 @@ class JournaledLedger:
         self, record_ids: list[int], *, kind: str, worker: str, task_id: str | None
     ) -> list[Record]:
         result: list[Record] = self._call(
-            "start_many", self.inner.start_many, record_ids, kind=kind, worker=worker, task_id=task_id
+            "start_many",
+            self.inner.start_many,
+            record_ids,
+            kind=kind,
+            worker=worker,
+            task_id=task_id,
         )
         return result
 
