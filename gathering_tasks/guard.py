@@ -49,6 +49,7 @@ from gathering_tasks.db.ledger import (
 )
 from gathering_tasks.errors import ExecutionAborted, PermanentFailure, TaskTimedOut
 from gathering_tasks.keys import OUTCOME_RETRY_MAX_WAIT_S
+from gathering_tasks.locks import Lease, acquire_all, release_all
 from gathering_tasks.policy import bounded_result, describe_error, retry_delay_s
 
 log = logging.getLogger(__name__)
@@ -458,9 +459,7 @@ class ExecutionGuard:
                 leases.pop(record_id).release()
             done = self._take_turns(records, leases, executor, back)
         finally:
-            for record_id, lease in leases.items():
-                if record_id not in back:
-                    lease.release()
+            _release_all([lease for record_id, lease in leases.items() if record_id not in back])
         for record_id in back:
             reports[record_id] = Report(
                 "dropped", record_id, detail="handed back: a slow node held up its batch"
@@ -490,9 +489,9 @@ class ExecutionGuard:
     ) -> dict[int, LeaseLike]:
         """The records' leases; a report for each that another worker holds."""
         leases: dict[int, LeaseLike] = {}
-        for record_id in record_ids:
-            lease = self._lease_for(record_id)
-            if lease.acquire():
+        wanted = [self._lease_for(record_id) for record_id in record_ids]
+        for record_id, lease, taken in zip(record_ids, wanted, _acquire_all(wanted), strict=True):
+            if taken:
                 leases[record_id] = lease
             else:
                 log.info(
@@ -544,9 +543,9 @@ class ExecutionGuard:
         for record, keeper in waiting:
             if record.id in back:
                 keeper.stop()
-                keeper.lease.release()
             else:
                 keeper.check()
+        _release_all([keeper.lease for record, keeper in waiting if record.id in back])
         dispatches = [
             dispatch_for(r.id, r.kind, r.definition, slot=r.scheduled_for, attempt=r.attempt)
             for r, _k in waiting
@@ -755,6 +754,23 @@ class ExecutionGuard:
         except Exception as exc:
             # The record is ``retrying`` with its time: the sweeper re-publishes it.
             log.warning("retry publish failed: %s", describe_error(exc), extra=_extra(record))
+
+
+def _acquire_all(leases: list[LeaseLike]) -> list[bool]:
+    """Each lease taken, Redis leases of a batch in one round trip."""
+    redis_leases = [lease for lease in leases if isinstance(lease, Lease)]
+    if len(redis_leases) == len(leases) > 1:
+        return acquire_all(redis_leases)
+    return [lease.acquire() for lease in leases]
+
+
+def _release_all(leases: list[LeaseLike]) -> None:
+    redis_leases = [lease for lease in leases if isinstance(lease, Lease)]
+    if len(redis_leases) == len(leases) > 1:
+        release_all(redis_leases)
+    else:
+        for lease in leases:
+            lease.release()
 
 
 def _extra(record: Record) -> dict[str, Any]:
