@@ -74,6 +74,8 @@ from gathering_tasks.settings import Settings
 from gathering_tasks.work import NODE_SKILLS, task_allowed
 
 ROOT = Path(__file__).resolve().parent.parent
+# A batch as large as a worker's largest (gathering_tasks.tasks.actions.MAX_BATCH).
+BATCH = 32
 STEPS = 100
 QUICK_STEPS = 50  # bench/run.py --quick
 HARNESS_REPS = 3  # bench/run.py's full mode: the whole harness within ~15 minutes
@@ -596,6 +598,26 @@ class Drain:
                 dispatch.record_id, dispatch.kind, self._node, worker="bench-drain", task_id=None
             )
             executed += 1
+        return self._checked(workload, run_id, executed)
+
+    def run_batched(self, workload: Workload) -> int:
+        """:meth:`run`, the queued records taken as a worker takes a run's ready nodes: in
+        batches of up to ``BATCH`` (``ExecutionGuard.run_many``)."""
+        run_id = self.service.run(workload.name)
+        executed = 0
+        while self.queue:
+            batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
+            reports, _kept = self.guard.run_many(
+                [d.record_id for d in batch],
+                "pipeline_node",
+                self._node,
+                worker="bench-drain",
+                task_id=None,
+            )
+            executed += sum(report.status != "dropped" for report in reports)
+        return self._checked(workload, run_id, executed)
+
+    def _checked(self, workload: Workload, run_id: int, executed: int) -> int:
         status = self.service.get_run(run_id)["status"]
         if status != "succeeded" or executed != workload.records:
             raise BenchFailed(f"drain, {workload.label}: run {run_id} {status}, {executed} records")
@@ -616,12 +638,19 @@ class Breakdown:
     calls_per_record: dict[str, float]
     round_trips_per_record: dict[str, float]
     cpu_ms_per_record: dict[str, float]  # the rest of a phase's wall time is waiting
+    # The same runs drained in batches (Drain.run_batched), no phase timers.
+    batched_ms_per_record: float
+    batched_round_trips_per_record: dict[str, float]
 
 
 def breakdown(drain: Drain, workload: Workload, reps: int) -> Breakdown:
     drain.run(workload)  # warm: the spec cache, the connection pool
     with timed_phases() as spent, round_trips(drain.repo.factory.kw["bind"]) as counts:
         records = sum(drain.run(workload) for _ in range(reps))
+    with round_trips(drain.repo.factory.kw["bind"]) as batched_counts:
+        started = time.perf_counter()
+        batched = sum(drain.run_batched(workload) for _ in range(reps))
+        batched_s = time.perf_counter() - started
     return Breakdown(
         workload=workload.name,
         label=workload.label,
@@ -630,6 +659,8 @@ def breakdown(drain: Drain, workload: Workload, reps: int) -> Breakdown:
         calls_per_record={label: calls / records for label, (_, calls, _) in spent.items()},
         round_trips_per_record={name: count / records for name, count in counts.items()},
         cpu_ms_per_record={label: cpu / records * 1000 for label, (_, _, cpu) in spent.items()},
+        batched_ms_per_record=batched_s / batched * 1000,
+        batched_round_trips_per_record={k: v / batched for k, v in batched_counts.items()},
     )
 
 
@@ -655,11 +686,20 @@ def breakdown_table(found: list[Breakdown]) -> str:
     rows.append(["rest of the guard (verdict, logging, thread joins)", *cells, ""])
     table = markdown(header, rows, right=set(range(1, len(header))))
     trips = [
-        f"PostgreSQL round trips per record, {b.label}: "
-        + " + ".join(f"{v:.1f} {k}" for k, v in sorted(b.round_trips_per_record.items()))
+        f"PostgreSQL round trips per record, {b.label}: {_trips(b.round_trips_per_record)}"
         for b in found
     ]
-    return "\n".join([table, "", *trips])
+    batched = [
+        f"In batches of up to {BATCH} (as a worker takes a run's ready nodes), {b.label}:"
+        f" {b.batched_ms_per_record:.2f} ms per record (wall, no timers);"
+        f" round trips per record: {_trips(b.batched_round_trips_per_record)}"
+        for b in found
+    ]
+    return "\n".join([table, "", *trips, "", *batched])
+
+
+def _trips(per_record: dict[str, float]) -> str:
+    return " + ".join(f"{v:.2f} {k}" for k, v in sorted(per_record.items()))
 
 
 # -- report ------------------------------------------------------------------------------------
