@@ -327,8 +327,8 @@ class _Turns:
             return self._waiting.pop(0)
 
     def watch(self) -> bool:
-        """Hand the waiting records back if the running one is past ``hold_s``; False once
-        there is nothing left to watch."""
+        """Hand the waiting records back if the running one is past ``hold_s``, once (those
+        that did not go back wait for their turn); False once there is nothing to watch."""
         with self._lock:
             if not self._waiting:
                 return False
@@ -337,7 +337,7 @@ class _Turns:
             back = self._hand_back(self._waiting)
             self.handed_back |= back
             self._waiting = [entry for entry in self._waiting if entry[0].id not in back]
-            return bool(self._waiting)
+            return False
 
     @contextmanager
     def watched(self) -> Iterator[_Turns]:

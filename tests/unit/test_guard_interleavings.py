@@ -530,3 +530,37 @@ def test_a_batch_whose_hand_back_cannot_be_written_runs_its_records_in_turn(
     for record_id in record_ids:
         record = world.ledger.get(record_id)
         assert (record["status"], record["attempt"], record["worker"]) == ("succeeded", 1, "w1")
+
+
+def test_a_record_cancelled_while_it_waits_is_not_handed_back_and_the_hand_back_is_not_retried(
+    world: World,
+) -> None:
+    # Given a batch of two whose first record is slow, and the second one's cancellation
+    # asked for while the first works
+    record_ids = [world.add() for _ in range(2)]
+    began: list[int] = []
+
+    def heartbeats_since_hand_back() -> int:
+        events = world.journal.events
+        if "ledger.hand_back" not in events:
+            return 0
+        return events[events.index("ledger.hand_back") :].count("ledger.heartbeat")
+
+    def executor(record: Record, _abort: threading.Event) -> dict[str, Any]:
+        began.append(record.id)
+        if len(began) == 1:
+            world.ledger.cancel(record_ids[1])
+            # long enough after the hand-back for its watch to have come round again
+            assert spin_until(lambda: heartbeats_since_hand_back() >= 30)
+        return {"n": record.id}
+
+    # When the batch runs
+    statuses_ = run_batch(world, record_ids, executor)
+
+    # Then the cancelled one stayed, and ended cancelled before it began; the hand-back was
+    # tried once
+    assert statuses_ == ["succeeded", "cancelled"]
+    assert began == record_ids[:1]
+    assert world.journal.count("ledger.hand_back") == 1
+    record = world.ledger.get(record_ids[1])
+    assert (record["status"], record["error"]) == ("cancelled", "run cancelled before it began")
