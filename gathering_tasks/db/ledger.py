@@ -264,22 +264,22 @@ class SqlLedger(Sql):
         # Built once: every delivery runs these two (and a running record one per pulse).
         self._start = self._start_statement(EX.c.id == bindparam("p_id"))
         self._start_many = self._start_statement(EX.c.id.in_(bindparam("p_ids", expanding=True)))
+        # The attempt ``p_attempt`` of record ``p_id``, while it runs.
+        attempt_running = (
+            EX.c.id == bindparam("p_id"),
+            EX.c.attempt == bindparam("p_attempt"),
+            EX.c.status == "running",
+        )
         self._heartbeat = (
             update(EX)
-            .where(
-                EX.c.id == bindparam("p_id"),
-                EX.c.attempt == bindparam("p_attempt"),
-                EX.c.status == "running",
-            )
+            .where(*attempt_running)
             .values(heartbeat_at=self.clock())
             .returning(EX.c.cancel_requested_at)
         )
         self._hand_back = (
             update(EX)
             .where(
-                EX.c.id == bindparam("p_id"),
-                EX.c.attempt == bindparam("p_attempt"),
-                EX.c.status == "running",
+                *attempt_running,
                 # A cancelled one is closed by the worker that holds it, as cancelled.
                 EX.c.cancel_requested_at.is_(None),
             )

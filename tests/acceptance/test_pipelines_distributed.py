@@ -216,6 +216,21 @@ class Rendezvous:
         return Response("{}", content_type="application/json")
 
 
+def holding_branches(sink: HTTPServer) -> Rendezvous:
+    """The sink's GET /left and GET /right, each held until both are in."""
+    meet = Rendezvous(("left", "right"))
+    for name in meet.branches:
+        sink.expect_request(f"/{name}", method="GET").respond_with_handler(meet.branch(name))
+    return meet
+
+
+def ran_together_on_w1_and_w2(left: dict[str, Any], right: dict[str, Any]) -> bool:
+    """The two branch records ran on the two workers, at the same time."""
+    workers = {left["worker"].split("@")[0], right["worker"].split("@")[0]}
+    (left_start, left_end), (right_start, right_end) = interval(left), interval(right)
+    return workers == {"w1", "w2"} and max(left_start, right_start) < min(left_end, right_end)
+
+
 def ready(*procs: CeleryProcess) -> None:
     for proc in procs:
         wait_for(lambda p=proc: " ready." in p.log_text(), READY_S, f"{proc.name} to be ready")
@@ -306,9 +321,7 @@ def test_a_diamond_runs_its_branches_on_two_workers_at_once_and_notifies_once(
 ) -> None:
     # Given a sink that holds each branch request until both are in, and two workers that
     # each run one node at a time
-    meet = Rendezvous(("left", "right"))
-    for name in meet.branches:
-        sink.expect_request(f"/{name}", method="GET").respond_with_handler(meet.branch(name))
+    meet = holding_branches(sink)
     sink.expect_request("/hook", method="POST").respond_with_handler(meet.hook)
     pipelines.create("diamond", diamond(sink))
     env = stack_env(db_url, redis_url, **{HOOK_KEY_ENV: HOOK_KEY})
@@ -327,9 +340,7 @@ def test_a_diamond_runs_its_branches_on_two_workers_at_once_and_notifies_once(
     assert all(ran_once(node) for node in done["nodes"]), done["nodes"]
     # the two branches ran on different workers, at the same time
     left, right = nodes["left"], nodes["right"]
-    assert {left["worker"].split("@")[0], right["worker"].split("@")[0]} == {"w1", "w2"}
-    (left_start, left_end), (right_start, right_end) = interval(left), interval(right)
-    assert max(left_start, right_start) < min(left_end, right_end)
+    assert ran_together_on_w1_and_w2(left, right), (left, right)
     assert (left["output"]["json"], left["output"]["attempts"]) == ({"branch": "left"}, 1)
     assert (right["output"]["json"], right["output"]["attempts"]) == ({"branch": "right"}, 1)
     # the webhook arrived once, carrying the join's data
@@ -744,9 +755,7 @@ def test_branches_ready_after_a_run_of_quick_nodes_still_run_on_two_workers_at_o
 ) -> None:
     # Given quick nodes in a row (so the worker running them takes ready nodes in growing
     # batches), then two branches that each wait at the sink until both are in
-    meet = Rendezvous(("left", "right"))
-    for name in meet.branches:
-        sink.expect_request(f"/{name}", method="GET").respond_with_handler(meet.branch(name))
+    holding_branches(sink)
 
     def get(node_id: str) -> dict[str, Any]:
         config = {"method": "GET", "url": sink.url_for(f"/{node_id}")}
@@ -766,10 +775,7 @@ def test_branches_ready_after_a_run_of_quick_nodes_still_run_on_two_workers_at_o
     # and the branch waiting behind the other was handed back, so the two ran at the same
     # time on the two workers, each once
     nodes = nodes_of(done)
-    left, right = nodes["left"], nodes["right"]
-    assert {left["worker"].split("@")[0], right["worker"].split("@")[0]} == {"w1", "w2"}
-    (left_start, left_end), (right_start, right_end) = interval(left), interval(right)
-    assert max(left_start, right_start) < min(left_end, right_end)
+    assert ran_together_on_w1_and_w2(nodes["left"], nodes["right"]), done["nodes"]
     assert all(ran_once(node) for node in done["nodes"]), done["nodes"]
 
 
