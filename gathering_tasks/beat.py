@@ -34,7 +34,7 @@ from gathering_tasks import keys, metrics, runtime
 from gathering_tasks.clock import utcnow
 from gathering_tasks.db.claims import DueAction, SlotClaims, SlotPlan
 from gathering_tasks.db.engine import reads_engine
-from gathering_tasks.db.ledger import Dispatch, Record
+from gathering_tasks.db.ledger import Carrying, Dispatch, Record
 from gathering_tasks.db.sweeps import Sweeps
 from gathering_tasks.errors import InvalidInput
 from gathering_tasks.keys import MIN_SLEEP_S, SCHEDULE_CACHE_SIZE
@@ -187,9 +187,14 @@ class _Pipelines:
         self.store.settled(node, status, result)
 
     def advance_record(
-        self, session: Session, record_id: int, *, nodes: Iterable[str] = ()
+        self,
+        session: Session,
+        record_id: int,
+        *,
+        nodes: Iterable[str] = (),
+        carrying: Carrying | None = None,
     ) -> list[Dispatch]:
-        return self.store.advance_record(session, record_id, nodes=nodes)
+        return self.store.advance_record(session, record_id, nodes=nodes, carrying=carrying)
 
     def prepare(self, session: Session, record: Record) -> Record:
         return self.store.prepare(session, record)

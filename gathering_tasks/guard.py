@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from types import TracebackType
@@ -40,6 +40,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from gathering_tasks.db.ledger import (
     FINAL,
+    Carry,
     Closing,
     Dispatch,
     LedgerPort,
@@ -425,8 +426,12 @@ class ExecutionGuard:
 
         ``keep``: the follow-ups the outcome made ready (a pipeline's next nodes) that it
         accepts are not published but returned as ``Report.kept``, for the caller to run in
-        this process. They are committed ``pending`` like the others: if this process dies
-        before running them, the sweeper publishes them.
+        this process. They are committed ``pending`` like the others (if this process dies
+        before running them, the sweeper publishes them), but for the one node a chain goes
+        on with, which is committed already started for this worker (its dispatch carries
+        the started record, see :class:`Carry`; pass it to :meth:`run_many` as
+        ``started``): if this process dies before running it, the sweeper takes it over as
+        it does any running record whose worker died.
         """
         reports, kept = self.run_many(
             [record_id], kind, executor, worker=worker, task_id=task_id, keep=keep
@@ -442,22 +447,26 @@ class ExecutionGuard:
         worker: str,
         task_id: str | None,
         keep: Callable[[Dispatch], bool] | None = None,
+        started: Iterable[Record] = (),
     ) -> tuple[list[Report], tuple[Dispatch, ...]]:
         """:meth:`run` for a batch: ready nodes of one pipeline run, executed one after the
         other in this process. Their leases are taken first and they start in one
         transaction; each has its own lease keeper, heartbeat and abort from then on, and
         their final outcomes are written in one transaction that moves the run on once. An
         outcome that is not final (a retry) is written on its own, as a lone record's is.
+        ``started``: records of ``record_ids`` already started for this worker (kept
+        follow-ups that carried their start): they are not started again.
         Returns a report per record id, in order, and the follow-ups ``keep`` accepted."""
         reports: dict[int, Report] = {}
+        carry = None if keep is None else Carry(worker, task_id, keep)
         leases = self._acquire(record_ids, kind, reports)
         done: list[tuple[Record, _Verdict]] = []
         back: set[int] = set()  # handed back (their leases released then)
         try:
-            records = self._start(list(leases), kind, worker, task_id, reports)
+            records = self._start(list(leases), kind, worker, task_id, reports, started=started)
             for record_id in [i for i in leases if i in reports]:
                 leases.pop(record_id).release()
-            done = self._take_turns(records, leases, executor, back)
+            done = self._take_turns(records, leases, executor, back, carry)
         finally:
             _release_all([lease for record_id, lease in leases.items() if record_id not in back])
         for record_id in back:
@@ -478,7 +487,9 @@ class ExecutionGuard:
                 retry_delay_s=verdict.retry_delay_s,
                 pipeline_run_id=record.pipeline_run_id,
             )
-        kept = tuple(d for d in followups if keep is not None and keep(d))
+        kept = tuple(
+            d for d in followups if d.started is not None or (keep is not None and keep(d))
+        )
         others = [d for d in followups if d not in kept]
         if others:
             self._publish_followups(others)
@@ -507,6 +518,7 @@ class ExecutionGuard:
         leases: dict[int, LeaseLike],
         executor: Executor,
         back: set[int],
+        carry: Carry | None = None,
     ) -> list[tuple[Record, _Verdict]]:
         """Run the started records in turn, each under its keepers, and write their
         outcomes. The ids of those handed back meanwhile are added to ``back``."""
@@ -530,7 +542,7 @@ class ExecutionGuard:
                 )
                 keeper.closing()
                 done.append((record, verdict))
-            return self._record_outcomes(done)
+            return self._record_outcomes(done, carry)
 
     def _hand_back(self, waiting: list[tuple[Record, _Keepers]]) -> set[int]:
         """Hand the records that wait in a batch back (see :class:`_Turns`): the ids that
@@ -563,16 +575,24 @@ class ExecutionGuard:
         worker: str,
         task_id: str | None,
         reports: dict[int, Report],
+        *,
+        started: Iterable[Record] = (),
     ) -> list[Record]:
-        """Start the records; a report for each that may not start."""
+        """Start the records (but those ``started`` already); a report for each that may
+        not start."""
+        carried = {r.id: r for r in started if r.id in record_ids}
+        if carried:
+            others = [i for i in record_ids if i not in carried]
+            fresh = self._start(others, kind, worker, task_id, reports)
+            return sorted([*carried.values(), *fresh], key=lambda r: r.id)
         if not record_ids:
             return []
         if len(record_ids) == 1:
-            started = self._ledger.start(record_ids[0], kind=kind, worker=worker, task_id=task_id)
-            if not isinstance(started, StartRefused):
-                return [started]
-            _log_refusal(started, kind, {"run_id": record_ids[0], "kind": kind})
-            reports[record_ids[0]] = Report("dropped", record_ids[0], detail=_refusal_text(started))
+            one = self._ledger.start(record_ids[0], kind=kind, worker=worker, task_id=task_id)
+            if not isinstance(one, StartRefused):
+                return [one]
+            _log_refusal(one, kind, {"run_id": record_ids[0], "kind": kind})
+            reports[record_ids[0]] = Report("dropped", record_ids[0], detail=_refusal_text(one))
             return []
         records = self._ledger.start_many(record_ids, kind=kind, worker=worker, task_id=task_id)
         ids = {r.id for r in records}
@@ -630,20 +650,24 @@ class ExecutionGuard:
         return _Verdict("retrying", error=error, retry_delay_s=delay_s)
 
     def _record_outcomes(
-        self, done: list[tuple[Record, _Verdict]]
+        self, done: list[tuple[Record, _Verdict]], carry: Carry | None = None
     ) -> list[tuple[Record, _Verdict]]:
         """Write each outcome: a batch's final ones together, any other on its own."""
         together = [i for i, (_r, v) in enumerate(done) if v.status in FINAL]
         if len(done) < 2 or not together:
-            return [(record, self._record_outcome(record, verdict)) for record, verdict in done]
+            return [
+                (record, self._record_outcome(record, verdict, carry)) for record, verdict in done
+            ]
         batch = [done[i] for i in together]
-        written = self._record_batch(batch)
+        written = self._record_batch(batch, carry)
         return [
             (record, written[record.id] if i in together else self._record_outcome(record, verdict))
             for i, (record, verdict) in enumerate(done)
         ]
 
-    def _record_batch(self, batch: list[tuple[Record, _Verdict]]) -> dict[int, _Verdict]:
+    def _record_batch(
+        self, batch: list[tuple[Record, _Verdict]], carry: Carry | None = None
+    ) -> dict[int, _Verdict]:
         closings = [
             Closing(
                 record,
@@ -657,7 +681,7 @@ class ExecutionGuard:
 
         def write() -> set[int]:
             ready.clear()
-            return self._ledger.finish_many(closings, ready)
+            return self._ledger.finish_many(closings, ready, carry)
 
         closed, retried = self._with_retries(write, _extra(batch[0][0]))
         written: dict[int, _Verdict] = {}
@@ -670,11 +694,15 @@ class ExecutionGuard:
         written[batch[-1][0].id].followups.extend(ready)
         return written
 
-    def _record_outcome(self, record: Record, verdict: _Verdict) -> _Verdict:
+    def _record_outcome(
+        self, record: Record, verdict: _Verdict, carry: Carry | None = None
+    ) -> _Verdict:
         """Write the outcome, retrying while the database is unreachable."""
         if verdict.status == "superseded":
             return self._logged(record, verdict)
-        written, retried = self._with_retries(lambda: self._write(record, verdict), _extra(record))
+        written, retried = self._with_retries(
+            lambda: self._write(record, verdict, carry), _extra(record)
+        )
         if not written and retried:
             # A try that raised may have committed with its reply lost: then the fence
             # turned away our own retry. The record says whether it was ours.
@@ -708,7 +736,7 @@ class ExecutionGuard:
             log.info("run %s %s", record.name, verdict.status, extra=_extra(record))
         return verdict
 
-    def _write(self, record: Record, verdict: _Verdict) -> bool:
+    def _write(self, record: Record, verdict: _Verdict, carry: Carry | None = None) -> bool:
         if verdict.status == "retrying":
             return self._ledger.schedule_retry(
                 record.id,
@@ -725,6 +753,7 @@ class ExecutionGuard:
             result=stored,
             error=verdict.error,
             followups=ready,
+            carry=carry,
         )
         verdict.followups.extend(ready)
         return written

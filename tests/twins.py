@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from gathering_tasks.db.ledger import Closing, Dispatch, Pulse, Record, StartRefused
+from gathering_tasks.db.ledger import Carry, Closing, Dispatch, Pulse, Record, StartRefused
 from gathering_tasks.db.memory import MemoryLedger
 
 Renewal = Literal["held", "lost", "unknown"]
@@ -191,9 +191,14 @@ class JournaledLedger:
         return back
 
     def finish_many(
-        self, closings: list[Closing], followups: list[Dispatch] | None = None
+        self,
+        closings: list[Closing],
+        followups: list[Dispatch] | None = None,
+        carry: Carry | None = None,
     ) -> set[int]:
-        closed: set[int] = self._call("finish_many", self.inner.finish_many, closings, followups)
+        closed: set[int] = self._call(
+            "finish_many", self.inner.finish_many, closings, followups, carry
+        )
         return closed
 
     def finish(
@@ -205,6 +210,7 @@ class JournaledLedger:
         result: dict[str, Any] | None = None,
         error: str | None = None,
         followups: list[Dispatch] | None = None,
+        carry: Carry | None = None,
     ) -> bool:
         written: bool = self._call(
             "finish",
@@ -215,6 +221,7 @@ class JournaledLedger:
             result=result,
             error=error,
             followups=followups,
+            carry=carry,
         )
         return written
 

@@ -11,8 +11,9 @@ PostgreSQL and SQLite, and ``gathering_tasks.db.memory.MemoryLedger`` in memory.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, cast
@@ -32,6 +33,21 @@ UNFINISHED = ("pending", "running", "retrying")
 RETRY_CLOCK_SKEW = timedelta(seconds=RETRY_CLOCK_SKEW_S)
 FINAL = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
 Refusal = Literal["missing", "kind_mismatch", "not_startable"]
+# What a start returns of the row: its Record (record_of), and what closing the attempt
+# appends to (kept by SqlLedger._opened_put).
+STARTED = (
+    EX.c.id,
+    EX.c.attempt,
+    EX.c.definition,
+    EX.c.idempotency_key,
+    EX.c.trigger,
+    EX.c.action_id,
+    EX.c.scheduled_for,
+    EX.c.pipeline_run_id,
+    EX.c.node_id,
+    EX.c.attempts,
+    EX.c.started_at,
+)
 
 
 @dataclass(frozen=True)
@@ -124,6 +140,32 @@ class Dispatch:
     label: str | None = field(default=None, compare=False)  # the record's name
     slot: datetime | None = field(default=None, compare=False)
     attempt: int | None = field(default=None, compare=False)  # the attempt it should start
+    # Started for the worker that made it ready, in the same transaction (see :class:`Carry`):
+    # that worker runs it as this record, and it is never published.
+    started: Record | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Carry:
+    """A worker that runs the next node of a chain itself (``keep`` accepts its dispatch):
+    the transaction that writes a node's final outcome then inserts the one node it made
+    ready already ``running`` as that worker's first attempt, with its input, instead of
+    ``pending``, and its dispatch carries the started record (``Dispatch.started``): no
+    start transaction follows. Given to :meth:`SqlLedger.finish`."""
+
+    worker: str
+    task_id: str | None
+    keep: Callable[[Dispatch], bool]
+
+
+@dataclass
+class Carrying:
+    """A :class:`Carry` inside one transaction: the outputs of the nodes it closed (as the
+    database gives them back), and what the pipeline started for the worker."""
+
+    carry: Carry
+    outputs: dict[str, Any]
+    started: list[tuple[Record, datetime]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -193,7 +235,10 @@ class LedgerPort(Protocol):
     def hand_back(self, records: list[Record]) -> set[int]: ...
 
     def finish_many(
-        self, closings: list[Closing], followups: list[Dispatch] | None = None
+        self,
+        closings: list[Closing],
+        followups: list[Dispatch] | None = None,
+        carry: Carry | None = None,
     ) -> set[int]: ...
 
     def finish(
@@ -205,6 +250,7 @@ class LedgerPort(Protocol):
         result: dict[str, Any] | None = None,
         error: str | None = None,
         followups: list[Dispatch] | None = None,
+        carry: Carry | None = None,
     ) -> bool: ...
 
     def schedule_retry(
@@ -237,10 +283,17 @@ class Progress(Protocol):
         """After commit: ``node`` (run id, node id) ended with ``status`` and ``result``."""
 
     def advance_record(
-        self, session: Session, record_id: int, *, nodes: Iterable[str] = ()
+        self,
+        session: Session,
+        record_id: int,
+        *,
+        nodes: Iterable[str] = (),
+        carrying: Carrying | None = None,
     ) -> list[Dispatch]:
         """After a node's final outcome (and those of ``nodes``, other nodes of its run
-        closed in the same transaction): the records that became ready."""
+        closed in the same transaction): the records that became ready. With
+        ``carrying``, the one a chain goes on with may be started for its worker (a
+        dispatch that carries its started record, also added to ``carrying.started``)."""
 
     def prepare(self, session: Session, record: Record) -> Record:
         """A node record just started: the record with what its executor needs."""
@@ -326,20 +379,7 @@ class SqlLedger(Sql):
                 republish_at=None,
                 updated_at=now,
             )
-            .returning(
-                e.id,
-                e.attempt,
-                e.definition,
-                e.idempotency_key,
-                e.trigger,
-                e.action_id,
-                e.scheduled_for,
-                e.pipeline_run_id,
-                e.node_id,
-                # What closing this attempt appends to (kept by :meth:`_opened_put`).
-                e.attempts,
-                e.started_at,
-            )
+            .returning(*STARTED)
         )
 
     def start(
@@ -403,6 +443,15 @@ class SqlLedger(Sql):
         with self._opened_lock:
             return self._opened.pop((record_id, attempt), None)
 
+    def _opened_carried(self, carrying: Carrying | None) -> None:
+        """After the commit that started them: the attempts started for ``carrying``'s
+        worker, as :meth:`start` keeps its own."""
+        if carrying is None:
+            return
+        worker = carrying.carry.worker
+        for record, started_at in carrying.started:
+            self._opened_put(record.id, record.attempt, _Opened([], started_at, worker, node=True))
+
     def heartbeat(self, record_id: int, attempt: int) -> Pulse:
         """Record that the attempt's worker is alive, with the database clock."""
         params = {"p_id": record_id, "p_attempt": attempt, **self.clock_values()}
@@ -438,12 +487,13 @@ class SqlLedger(Sql):
         result: dict[str, Any] | None = None,
         error: str | None = None,
         followups: list[Dispatch] | None = None,
+        carry: Carry | None = None,
     ) -> bool:
         """Close an attempt with a final ``status`` (or ``waiting``: handed on to a pipeline).
 
         False: the attempt was taken over. A pipeline node's outcome moves its pipeline on in
         the same transaction; the records that became ready are added to ``followups``, to
-        publish after commit.
+        publish after commit (or, with ``carry``, to run: see :class:`Carry`).
         """
         finished = {"finished_at": DB_NOW} if status in FINAL else {}
         opened = self._opened_pop(record_id, attempt)
@@ -477,16 +527,21 @@ class SqlLedger(Sql):
                 values={"result": result, **finished},
                 opened=opened,
             )
+            carrying = _carrying(carry, {node_of_run[1]: result} if node_of_run else {})
             if closed and node_of_run is not None and self.progress is not None:
-                ready = self.progress.advance_record(session, record_id)
+                ready = self.progress.advance_record(session, record_id, carrying=carrying)
                 if followups is not None:
                     followups.extend(ready)
         if closed and node_of_run is not None and self.progress is not None:
+            self._opened_carried(carrying)
             self.progress.settled(node_of_run, status, result)
         return closed
 
     def finish_many(
-        self, closings: list[Closing], followups: list[Dispatch] | None = None
+        self,
+        closings: list[Closing],
+        followups: list[Dispatch] | None = None,
+        carry: Carry | None = None,
     ) -> set[int]:
         """:meth:`finish` for several attempts of one pipeline run's nodes (a batch), each
         with a final status, in one transaction: the run is locked once and moved on once,
@@ -513,12 +568,14 @@ class SqlLedger(Sql):
                     opened=self._opened_pop(c.record.id, c.record.attempt),
                 ):
                     closed.append(c)
+            carrying = _carrying(carry, {str(c.record.node_id): c.result for c in closed})
             if closed and node_of_run is not None and progress is not None:
                 nodes = [str(c.record.node_id) for c in closed]
-                ready = progress.advance_record(session, first, nodes=nodes)
+                ready = progress.advance_record(session, first, nodes=nodes, carrying=carrying)
                 if followups is not None:
                     followups.extend(ready)
         if node_of_run is not None and progress is not None:
+            self._opened_carried(carrying)
             for c in closed:
                 progress.settled((node_of_run[0], str(c.record.node_id)), c.status, c.result)
         return {c.record.id for c in closed}
@@ -628,6 +685,13 @@ class SqlLedger(Sql):
             stmt = stmt.where(e.updated_at >= since)
         with self.factory() as session:
             return {status: count for status, count in session.execute(stmt).all()}
+
+
+def _carrying(carry: Carry | None, results: dict[str, dict[str, Any] | None]) -> Carrying | None:
+    if carry is None:
+        return None
+    # As the database gives them back (JSON), not the objects the work returned.
+    return Carrying(carry, {node: json.loads(json.dumps(r)) for node, r in results.items()})
 
 
 def _by_id(row: Any) -> int:

@@ -27,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 from gathering_tasks.clock import utcnow
 from gathering_tasks.db.ledger import (
     FINAL,
+    Carry,
     Closing,
     Dispatch,
     Pulse,
@@ -282,7 +283,10 @@ class MemoryLedger:
             return back
 
     def finish_many(
-        self, closings: list[Closing], followups: list[Dispatch] | None = None
+        self,
+        closings: list[Closing],
+        followups: list[Dispatch] | None = None,
+        carry: Carry | None = None,
     ) -> set[int]:
         """:meth:`finish` for several attempts; the ids whose attempt was closed."""
         return {
@@ -311,10 +315,12 @@ class MemoryLedger:
         result: dict[str, Any] | None = None,
         error: str | None = None,
         followups: list[Dispatch] | None = None,
+        carry: Carry | None = None,
     ) -> bool:
         """Close an attempt with a final ``status`` (or ``waiting``). False: taken over.
 
-        The twin holds no pipelines: ``followups`` stays as given."""
+        The twin holds no pipelines: ``followups`` stays as given, and ``carry`` has nothing
+        to carry."""
         _check(status, RUN_STATUSES, "status")
         with self._call("finish"):
             row = self._close(record_id, attempt, status=status, error=error)

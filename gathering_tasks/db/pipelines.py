@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -24,12 +24,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gathering_tasks.db.ledger import (
     FINAL,
+    STARTED,
     UNFINISHED,
+    Carrying,
     Dispatch,
     Record,
     close_attempt,
     dispatch_for,
     idempotency_key,
+    record_of,
 )
 from gathering_tasks.db.models import (
     Execution,
@@ -361,17 +364,21 @@ class PipelineStore(Sql):
         context = self._context(session, record)
         if context is None:
             return record
-        record_id = str(record.node_id)
+        given = self._given(context, str(record.node_id))
+        if given is not None:
+            session.connection().execute(
+                _RECORD_INPUT, {"p_id": record.id, "p_attempt": record.attempt, "p_input": given}
+            )
+        return replace(record, context=context)
+
+    def _given(self, context: NodeContext, record_id: str) -> dict[str, Any] | None:
+        """The input a record is given, bounded; None for a map record without its items
+        (the executor fails the node, naming it)."""
         try:
             given = given_input(context.spec, record_id, context.states)
         except ValueError:
-            # A map record without its items: the executor fails the node, naming it.
-            return replace(record, context=context)
-        given_input_ = bounded_result(given, self.max_input_bytes) or {}
-        session.connection().execute(
-            _RECORD_INPUT, {"p_id": record.id, "p_attempt": record.attempt, "p_input": given_input_}
-        )
-        return replace(record, context=context)
+            return None
+        return bounded_result(given, self.max_input_bytes) or {}
 
     def node_context(self, record: Record) -> NodeContext | None:
         """:meth:`prepare` outside the ledger (a record started without it)."""
@@ -390,6 +397,18 @@ class PipelineStore(Sql):
             return None
         definition = record.definition
         spec = spec_of(session, int(definition["pipeline_id"]), int(definition["version"]))
+        return self._context_of(session, run_id, spec, record_id)
+
+    def _context_of(
+        self,
+        session: Session,
+        run_id: int,
+        spec: PipelineSpec,
+        record_id: str,
+        closed: Mapping[str, NodeState] | None = None,
+    ) -> NodeContext:
+        """:meth:`_context` of the record ``record_id`` of run ``run_id``. ``closed``: states
+        written in this transaction, not to be read back."""
         node_id, _index = split_record_id(record_id)
         trigger: dict[str, Any] = {}
         if spec.reads_trigger(node_id):
@@ -399,7 +418,10 @@ class PipelineStore(Sql):
         known = (
             {}
             if any(spec.node(n).type == "map" for n in reads)
-            else self._known(run_id, sorted(reads))
+            else {
+                **self._known(run_id, sorted(reads)),
+                **{n: state for n, state in (closed or {}).items() if n in reads},
+            }
         )
         states = {**known, **read_states(session, run_id, spec, reads - known.keys())}
         return NodeContext(spec, states, trigger)
@@ -433,12 +455,17 @@ class PipelineStore(Sql):
             return {n: state for n in names if (state := self._settled.get((run_id, n)))}
 
     def advance_record(
-        self, session: Session, record_id: int, *, nodes: Iterable[str] = ()
+        self,
+        session: Session,
+        record_id: int,
+        *,
+        nodes: Iterable[str] = (),
+        carrying: Carrying | None = None,
     ) -> list[Dispatch]:
         """The ledger's hook: after a final outcome of ``record_id``, if it is a node of a
         pipeline run, move that run on (same transaction, after :meth:`lock_run_of`).
         ``nodes``: the records of that run whose outcomes this transaction wrote (a batch),
-        when more than ``record_id``'s own."""
+        when more than ``record_id``'s own. ``carrying``: see :meth:`_insert_carried`."""
         locked = session.info.get(_LOCKED, {}).get(record_id)
         if locked is None:
             if self.lock_run_of(session, record_id) is None:
@@ -455,7 +482,7 @@ class PipelineStore(Sql):
         states = node_states(session, run.id, outputs_of=spec.steering)
         for closed in nodes or (node_id,):
             _count_health(session, spec, run, record_id=closed, states=states, now=now)
-        return self._progress(session, run, now, states)
+        return self._progress(session, run, now, states, carrying)
 
     def _progress(
         self,
@@ -463,6 +490,7 @@ class PipelineStore(Sql):
         run: RunInfo,
         now: datetime,
         states: dict[str, NodeState] | None = None,
+        carrying: Carrying | None = None,
     ) -> list[Dispatch]:
         spec = spec_of(session, run.pipeline_id, run.version)
         if states is None:
@@ -481,6 +509,12 @@ class PipelineStore(Sql):
             ready = Ready(record_id=node_id, node_id=node_id)
             definition = node_definition(run, spec, ready)
             records.append(_node_record(run.id, definition, ready, now, status="skipped"))
+        if carrying is not None and len(records) == 1 and plan.ready and plan.final is None:
+            carried = self._insert_carried(
+                session, run, spec, records[0], carrying=carrying, states=states
+            )
+            if carried is not None:
+                return carried
         inserted = self._insert_records(session, records)
         if plan.skip:
             # A skipped node may make others ready or skipped: look again.
@@ -504,6 +538,63 @@ class PipelineStore(Sql):
             for record in records
             if record["status"] == "pending" and record["dedupe_key"] in made
         ]
+
+    def _insert_carried(
+        self,
+        session: Session,
+        run: RunInfo,
+        spec: PipelineSpec,
+        record: dict[str, Any],
+        *,
+        carrying: Carrying,
+        states: dict[str, NodeState],
+    ) -> list[Dispatch] | None:
+        """The one record a chain goes on with, when the worker that closed its predecessor
+        runs it (``carrying.carry.keep``): inserted already started for that worker, its
+        attempt 1 with its input, as :meth:`SqlLedger.start` and :meth:`prepare` would have
+        left it. Its dispatch carries the started record. None: not carried (inserted the usual
+        way); [] when the record was there already."""
+        carry = carrying.carry
+        if not carry.keep(_dispatch_of(0, record)):
+            return None
+        record_id = str(record["node_id"])
+        closed = {
+            n: NodeState(states[n].status, output)
+            for n, output in carrying.outputs.items()
+            if n in states
+        }
+        context = self._context_of(session, run.id, spec, record_id, closed)
+        given = self._given(context, record_id)
+        if given is None:
+            return None
+        now = self.now()
+        values = {
+            **record,
+            "status": "running",
+            "attempt": 1,
+            "worker": carry.worker,
+            "celery_task_id": carry.task_id,
+            "input": given,
+            # Created started: one moment, by the database clock.
+            "created_at": now,
+            "updated_at": now,
+            "started_at": now,
+            "heartbeat_at": now,
+        }
+        stmt = (
+            self.insert(EX)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=[EX.c.dedupe_key])
+            .returning(*STARTED)
+        )
+        row = session.connection().execute(stmt).first()
+        if row is None:
+            return []
+        started = replace(
+            record_of(row.id, "pipeline_node", row, dict(row.definition)), context=context
+        )
+        carrying.started.append((started, row.started_at))
+        return [replace(_dispatch_of(row.id, record), started=started)]
 
     def _finalize(
         self,

@@ -159,6 +159,7 @@ def _execute_batch(
         worker=worker,
         task_id=task.request.id,
         keep=keep,
+        started=[d.started for d in batch if d.started is not None],
     )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 from collections import Counter, deque
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -26,6 +28,7 @@ from gathering_tasks.guard import ExecutionGuard
 from gathering_tasks.locks import Lease
 from gathering_tasks.pipelines import executor
 from gathering_tasks.settings import Settings, get_settings
+from gathering_tasks.sweeper import Sweeper
 from gathering_tasks.work import NODE_SKILLS
 from tests.factories import make_guard
 from tests.servers import wait_for
@@ -721,3 +724,118 @@ def test_a_node_cancelled_while_it_waits_in_a_batch_is_not_handed_back_and_never
     assert began == ["leaf-0"]
     row = ledger.get(ids[2])
     assert (row["status"], row["error"]) == ("cancelled", "run cancelled before it began")
+
+
+CHAIN = {
+    "nodes": [
+        {"id": "start", "type": "trigger"},
+        {"id": "one", "type": "action", "config": add("{{ trigger.x }}", 1)},
+        {"id": "two", "type": "action", "config": add("{{ nodes.one.output.sum }}", 1)},
+        {"id": "three", "type": "action", "config": add("{{ nodes.two.output.sum }}", 1)},
+    ],
+    "edges": [
+        {"from": "start", "to": "one"},
+        {"from": "one", "to": "two"},
+        {"from": "two", "to": "three"},
+    ],
+}
+
+
+def keep_all(_dispatch: Dispatch) -> bool:
+    return True
+
+
+def test_a_chain_run_by_one_worker_starts_each_next_node_in_its_predecessors_transaction(
+    pipelines: PipelineService, drain: Drain
+):
+    # Given a chain started, its trigger's message delivered to a worker that keeps what
+    # the outcome makes ready
+    pipelines.create("chain-carried", CHAIN)
+    service = publishing_to(pipelines, drain)
+    run_id = service.run("chain-carried", {"x": 1})
+    trigger = drain.queue.popleft()
+    node = drain._executor("pipeline_node")
+    report = drain.guard.run(
+        trigger.record_id, trigger.kind, node, worker="w", task_id="t1", keep=keep_all
+    )
+    # When it runs each kept node in turn, as the task does
+    commits, carried = [], []
+    while report.kept:
+        (next_node,) = report.kept
+        assert next_node.started is not None
+        # Then each was committed already started, for this worker, with its input
+        record = pipelines.repo.ledger.get(next_node.record_id)
+        carried.append(record["node_id"])
+        assert (record["status"], record["attempt"], record["worker"]) == ("running", 1, "w")
+        assert record["celery_task_id"] == "t1"
+        assert record["created_at"] == record["started_at"]
+        assert list(record["input"]["inputs"]) == [CHAIN["edges"][len(carried) - 1]["from"]]
+
+        def step(kept: Dispatch = next_node) -> Any:
+            reports, more = drain.guard.run_many(
+                [kept.record_id],
+                kept.kind,
+                node,
+                worker="w",
+                task_id="t1",
+                keep=keep_all,
+                started=[kept.started] if kept.started else [],
+            )
+            return replace(reports[0], kept=more)
+
+        report, spent = commits_during(pipelines.repo, step)
+        assert report.status == "succeeded"
+        commits.append(spent)
+    # and each node cost one transaction (its outcome and the next one's start), none of
+    # them was published, and the run completed with each node run once
+    assert carried == ["one", "two", "three"]
+    assert commits == [1, 1, 1]
+    assert not drain.queue
+    result = service.get_run(run_id)
+    assert result["status"] == "succeeded"
+    assert result["outputs"] == {"three": {"sum": 4}}
+    assert Counter(drain.executed) == Counter({"start": 1, "one": 1, "two": 1, "three": 1})
+    assert {n["node_id"]: n["attempt"] for n in result["nodes"]} == dict.fromkeys(
+        ("start", "one", "two", "three"), 1
+    )
+
+
+def test_a_carried_node_whose_worker_died_before_running_it_is_taken_over_and_completes(
+    pipelines: PipelineService, drain: Drain, settings: Settings
+):
+    # Given a chain whose trigger ran on a worker that kept its next node, committed started
+    # (its first node allowed a second attempt)
+    chain = {**CHAIN, "nodes": [dict(n) for n in CHAIN["nodes"]]}
+    chain["nodes"][1]["retry"] = {"max_attempts": 2, "backoff_s": 0, "jitter": 0}
+    pipelines.create("chain-orphan", chain)
+    service = publishing_to(pipelines, drain)
+    run_id = service.run("chain-orphan", {"x": 1})
+    trigger = drain.queue.popleft()
+    report = drain.guard.run(
+        trigger.record_id,
+        trigger.kind,
+        drain._executor("pipeline_node"),
+        worker="dead",
+        task_id="t1",
+        keep=keep_all,
+    )
+    (orphan,) = report.kept
+    assert pipelines.repo.ledger.get(orphan.record_id)["status"] == "running"
+    # When that worker dies before running it (it never takes the lease nor beats) and the
+    # sweeper runs a minute later by the database clock
+    client = redis.Redis.from_url(settings.redis_url)
+    sweeper = Sweeper(
+        settings,
+        pipelines.repo.sweeps,
+        lease_alive=lambda rid: bool(client.exists(keys.run_lock(settings.key_prefix, rid))),
+        publish=lambda ds: drain.queue.extend(ds) or len(ds),
+    )
+    assert sweeper.sweep(pipelines.repo.sweeps.read_now() + timedelta(seconds=60)) >= 1
+    # Then it is requeued, and draining the run completes it, the orphan as attempt 2
+    assert [d.record_id for d in drain.queue] == [orphan.record_id]
+    drain.run()
+    result = service.get_run(run_id)
+    assert result["status"] == "succeeded"
+    assert result["outputs"] == {"three": {"sum": 4}}
+    attempts = nodes_of(result)["one"]["attempts"]
+    assert [(a["attempt"], a["worker"]) for a in attempts] == [(1, "dead"), (2, "w")]
