@@ -602,18 +602,22 @@ class Drain:
 
     def run_batched(self, workload: Workload) -> int:
         """:meth:`run`, the queued records taken as a worker takes a run's ready nodes: in
-        batches of up to ``BATCH`` (``ExecutionGuard.run_many``)."""
+        batches of up to ``BATCH`` (``ExecutionGuard.run_many``), what a batch makes ready
+        kept for the next one (a chain's next node then comes started, see ``Carry``)."""
         run_id = self.service.run(workload.name)
         executed = 0
         while self.queue:
             batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
-            reports, _kept = self.guard.run_many(
+            reports, kept = self.guard.run_many(
                 [d.record_id for d in batch],
                 "pipeline_node",
                 self._node,
                 worker="bench-drain",
                 task_id=None,
+                keep=lambda _dispatch: True,
+                started=[d.started for d in batch if d.started is not None],
             )
+            self.queue.extendleft(reversed(kept))
             executed += sum(report.status != "dropped" for report in reports)
         return self._checked(workload, run_id, executed)
 
