@@ -645,6 +645,16 @@ def task_ids(repo: Repository, run_id: int) -> dict[str, str | None]:
     return {str(row.node_id): row.celery_task_id for row in rows}
 
 
+def created_started(repo: Repository, run_id: int) -> set[str]:
+    """The node records of the run created at the moment they started (carried)."""
+    e = Execution
+    with repo.factory() as session:
+        rows = session.execute(
+            select(e.node_id).where(e.pipeline_run_id == run_id, e.created_at == e.started_at)
+        ).all()
+    return {str(row.node_id) for row in rows}
+
+
 def chain_with_a_long_middle() -> dict[str, Any]:
     retry = {"max_attempts": 2, "backoff_s": 0, "jitter": 0}
     return {
@@ -677,6 +687,8 @@ def test_a_worker_runs_the_next_node_of_a_chain_itself_and_a_kill_there_is_recov
         carried = task_ids(pipelines.repo, run_id)
         assert carried["start"] is not None
         assert carried["first"] == carried["long"] == carried["start"]
+        # and each was created already started, in its predecessor's outcome transaction
+        assert created_started(pipelines.repo, run_id) == {"first", "long"}
 
         # When that worker is SIGKILLed inside the node it took on itself
         victim.kill()
