@@ -11,7 +11,6 @@ PostgreSQL and SQLite, and ``gathering_tasks.db.memory.MemoryLedger`` in memory.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -160,8 +159,8 @@ class Carry:
 
 @dataclass
 class Carrying:
-    """A :class:`Carry` inside one transaction: the outputs of the nodes it closed (as the
-    database gives them back), and what the pipeline started for the worker."""
+    """A :class:`Carry` inside one transaction: the outputs of the nodes it closed, and
+    what the pipeline started for the worker."""
 
     carry: Carry
     outputs: dict[str, Any]
@@ -688,10 +687,7 @@ class SqlLedger(Sql):
 
 
 def _carrying(carry: Carry | None, results: dict[str, dict[str, Any] | None]) -> Carrying | None:
-    if carry is None:
-        return None
-    # As the database gives them back (JSON), not the objects the work returned.
-    return Carrying(carry, {node: json.loads(json.dumps(r)) for node, r in results.items()})
+    return None if carry is None else Carrying(carry, results)
 
 
 def _by_id(row: Any) -> int:
