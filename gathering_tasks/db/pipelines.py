@@ -558,11 +558,12 @@ class PipelineStore(Sql):
         if not carry.keep(_dispatch_of(0, record)):
             return None
         record_id = str(record["node_id"])
+        reads = spec.reads(split_record_id(record_id)[0])
         # As the database gives them back (JSON), not the objects the work returned.
         closed = {
             n: NodeState(states[n].status, json.loads(json.dumps(output)))
             for n, output in carrying.outputs.items()
-            if n in states and n in spec.reads(split_record_id(record_id)[0])
+            if n in states and n in reads
         }
         context = self._context_of(session, run.id, spec, record_id, closed)
         given = self._given(context, record_id)

@@ -33,7 +33,7 @@ from gathering_tasks.db.repo import Repository
 from gathering_tasks.publish import publish
 from gathering_tasks.settings import Settings
 from tests.acceptance.handlers_for_tests import mark, progress_key
-from tests.acceptance.procs import CeleryProcess, running_stack, stack_env
+from tests.acceptance.procs import CeleryProcess, Stack, running_stack, stack_env
 from tests.servers import serving_http, wait_for
 
 pytestmark = pytest.mark.acceptance
@@ -312,6 +312,21 @@ def marks(client: redis.Redis) -> list[str]:
     return [str(item) for item in client.lrange(MARKS, 0, -1)]
 
 
+def inside_the_long_node(
+    stack: Stack, pipelines: PipelineService, client: redis.Redis, name: str
+) -> tuple[CeleryProcess, int, int]:
+    """One worker ("victim") and a leading beat; a run of ``name`` started, and its node
+    "long" at work. The worker, the run's id and the long node's record id."""
+    victim = stack.worker("victim", 1, *INCLUDE)
+    beat = stack.beat("b1")
+    ready(victim)
+    leading(beat)
+    run_id = pipelines.run(name)
+    long_id = node_running(pipelines.repo, run_id, "long")
+    wait_for(lambda: steps_taken(client, long_id, 1) >= 1, RUN_S, "the long node to work")
+    return victim, run_id, long_id
+
+
 # -- the tests -----------------------------------------------------------------------------
 
 
@@ -447,13 +462,7 @@ def test_a_node_whose_worker_is_killed_is_recovered_and_the_run_completes(
         },
     )
     with running_stack(stack_env(db_url, redis_url), tmp_path) as stack:
-        victim = stack.worker("victim", 1, *INCLUDE)
-        beat = stack.beat("b1")
-        ready(victim)
-        leading(beat)
-        run_id = pipelines.run("survivor")
-        long_id = node_running(pipelines.repo, run_id, "long")
-        wait_for(lambda: steps_taken(client, long_id, 1) >= 1, RUN_S, "the long node to work")
+        victim, run_id, long_id = inside_the_long_node(stack, pipelines, client, "survivor")
 
         # When its worker is SIGKILLed in the middle of the node, and another one starts
         victim.kill()
@@ -675,13 +684,7 @@ def test_a_worker_runs_the_next_node_of_a_chain_itself_and_a_kill_there_is_recov
     # Given a chain start -> first -> long -> last, and one worker
     pipelines.create("chain-here", chain_with_a_long_middle())
     with running_stack(stack_env(db_url, redis_url), tmp_path) as stack:
-        victim = stack.worker("victim", 1, *INCLUDE)
-        beat = stack.beat("b1")
-        ready(victim)
-        leading(beat)
-        run_id = pipelines.run("chain-here")
-        long_id = node_running(pipelines.repo, run_id, "long")
-        wait_for(lambda: steps_taken(client, long_id, 1) >= 1, RUN_S, "the long node to work")
+        victim, run_id, long_id = inside_the_long_node(stack, pipelines, client, "chain-here")
         # Then the nodes after the trigger came with no message of their own: the task that
         # brought the trigger ran each next node itself (its start records that task)
         carried = task_ids(pipelines.repo, run_id)
@@ -804,13 +807,7 @@ def test_a_worker_killed_in_the_middle_of_a_batch_leaves_a_run_that_completes(
         after_quick_chain(action("long", steps(600, later_count=1), retry=retry), *quick),
     )
     with running_stack(stack_env(db_url, redis_url), tmp_path) as stack:
-        victim = stack.worker("victim", 1, *INCLUDE)
-        beat = stack.beat("b1")
-        ready(victim)
-        leading(beat)
-        run_id = pipelines.run("killed-batch")
-        long_id = node_running(pipelines.repo, run_id, "long")
-        wait_for(lambda: steps_taken(client, long_id, 1) >= 1, RUN_S, "the long node to work")
+        victim, run_id, long_id = inside_the_long_node(stack, pipelines, client, "killed-batch")
         # the quick ones behind it in its batch were handed back: pending, never started
         for i in range(3):
             wait_for(

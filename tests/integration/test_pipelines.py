@@ -24,7 +24,7 @@ from gathering_tasks.api import ActionService, PipelineService
 from gathering_tasks.db.ledger import Dispatch, Record
 from gathering_tasks.db.repo import Repository
 from gathering_tasks.errors import InvalidInput, NotFound
-from gathering_tasks.guard import ExecutionGuard
+from gathering_tasks.guard import ExecutionGuard, Report
 from gathering_tasks.locks import Lease
 from gathering_tasks.pipelines import executor
 from gathering_tasks.settings import Settings, get_settings
@@ -445,12 +445,6 @@ def test_a_kept_follow_up_is_not_published_and_is_handed_back_to_run_here(
     pipelines: PipelineService, drain: Drain
 ):
     # Given the diamond started, its trigger's message delivered
-    pipelines.create("diamond-kept", DIAMOND)
-    service = publishing_to(pipelines, drain)
-    run_id = service.run("diamond-kept", {"x": 1})
-    trigger = drain.queue.popleft()
-    assert not drain.queue
-
     # When the guard runs it with a ``keep`` that accepts the first pipeline node offered
     offered: list[int] = []
 
@@ -458,14 +452,7 @@ def test_a_kept_follow_up_is_not_published_and_is_handed_back_to_run_here(
         offered.append(dispatch.record_id)
         return len(offered) == 1
 
-    report = drain.guard.run(
-        trigger.record_id,
-        trigger.kind,
-        drain._executor(trigger.kind),
-        worker="w",
-        task_id=None,
-        keep=keep,
-    )
+    service, run_id, report = ran_trigger(pipelines, drain, "diamond-kept", DIAMOND, keep)
 
     # Then of the two branches made ready, the kept one is handed back (recorded pending)
     # and only the other one is published
@@ -483,6 +470,33 @@ def test_a_kept_follow_up_is_not_published_and_is_handed_back_to_run_here(
     assert Counter(drain.executed) == Counter(
         {n: 1 for n in ("start", "left", "right", "both", "total")}
     )
+
+
+def ran_trigger(
+    pipelines: PipelineService,
+    drain: Drain,
+    name: str,
+    definition: dict[str, Any],
+    keep: Any,
+    *,
+    worker: str = "w",
+) -> tuple[PipelineService, int, Report]:
+    """``definition`` created as ``name`` and a run of it started; its trigger's message (the
+    only one) delivered to ``worker``, whose guard runs it with ``keep``."""
+    pipelines.create(name, definition)
+    service = publishing_to(pipelines, drain)
+    run_id = service.run(name, {"x": 1})
+    trigger = drain.queue.popleft()
+    assert not drain.queue
+    report = drain.guard.run(
+        trigger.record_id,
+        trigger.kind,
+        drain._executor(trigger.kind),
+        worker=worker,
+        task_id="t1",
+        keep=keep,
+    )
+    return service, run_id, report
 
 
 def fan(width: int, *, failing: int | None = None) -> dict[str, Any]:
@@ -750,14 +764,8 @@ def test_a_chain_run_by_one_worker_starts_each_next_node_in_its_predecessors_tra
 ):
     # Given a chain started, its trigger's message delivered to a worker that keeps what
     # the outcome makes ready
-    pipelines.create("chain-carried", CHAIN)
-    service = publishing_to(pipelines, drain)
-    run_id = service.run("chain-carried", {"x": 1})
-    trigger = drain.queue.popleft()
+    service, run_id, report = ran_trigger(pipelines, drain, "chain-carried", CHAIN, keep_all)
     node = drain._executor("pipeline_node")
-    report = drain.guard.run(
-        trigger.record_id, trigger.kind, node, worker="w", task_id="t1", keep=keep_all
-    )
     # When it runs each kept node in turn, as the task does
     commits, carried = [], []
     while report.kept:
@@ -807,17 +815,8 @@ def test_a_carried_node_whose_worker_died_before_running_it_is_taken_over_and_co
     # (its first node allowed a second attempt)
     chain = {**CHAIN, "nodes": [dict(n) for n in CHAIN["nodes"]]}
     chain["nodes"][1]["retry"] = {"max_attempts": 2, "backoff_s": 0, "jitter": 0}
-    pipelines.create("chain-orphan", chain)
-    service = publishing_to(pipelines, drain)
-    run_id = service.run("chain-orphan", {"x": 1})
-    trigger = drain.queue.popleft()
-    report = drain.guard.run(
-        trigger.record_id,
-        trigger.kind,
-        drain._executor("pipeline_node"),
-        worker="dead",
-        task_id="t1",
-        keep=keep_all,
+    service, run_id, report = ran_trigger(
+        pipelines, drain, "chain-orphan", chain, keep_all, worker="dead"
     )
     (orphan,) = report.kept
     assert pipelines.repo.ledger.get(orphan.record_id)["status"] == "running"
