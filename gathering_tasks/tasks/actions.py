@@ -243,9 +243,10 @@ def _publish_spare(dispatch: Dispatch) -> bool:
 
 
 def _joins_in(kind_name: str, report: Report) -> bool:
-    """A node's message that came after its record was taken (by a worker running the
-    run's nodes): its run may still have ready nodes for this worker to take part in."""
-    return kind_name == "pipeline_node" and report.status == "dropped"
+    """Any node's message: its run may still have pending nodes for this worker to take
+    part in. It came after its record was taken (by a worker running the run's nodes), or
+    it is the one a task sent on for the rest when its inline budget ran out."""
+    return kind_name == "pipeline_node"
 
 
 def _describe(report: Report) -> str:

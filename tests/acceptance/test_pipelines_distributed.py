@@ -405,6 +405,27 @@ def test_a_fan_out_to_200_nodes_fans_back_in_with_each_node_run_once(
 
 
 @POSTGRES_ONLY
+def test_a_worker_whose_inline_budget_runs_out_hands_the_rest_of_a_map_on(
+    db_url: str, redis_url: str, pipelines: PipelineService, tmp_path: Path
+) -> None:
+    # Given a map over 500 items, two workers, no beat (so no sweeper to publish what is
+    # left pending), and an inline budget that runs out while a task drains the map
+    count = 500
+    pipelines.create("budget", MAPPED)
+    env = stack_env(db_url, redis_url, GATHERING_PIPELINE_INLINE_BUDGET_S="0.5")
+    with running_stack(env, tmp_path) as stack:
+        ready(stack.worker("w1", 2), stack.worker("w2", 2))
+        # When it runs
+        done = ended(pipelines, pipelines.run("budget", {"items": list(range(count))}))
+
+    # Then the messages a task sends while it drains, and on running out, went on with the
+    # rest: the run completed, each item once
+    assert done["status"] == "succeeded", (done["error"], done["nodes"])
+    assert len(done["nodes"]) == count + 3
+    assert [node for node in done["nodes"] if not ran_once(node)] == []
+
+
+@POSTGRES_ONLY
 def test_a_map_over_500_items_runs_each_item_once_and_the_join_keeps_their_order(
     db_url: str, redis_url: str, pipelines: PipelineService, tmp_path: Path
 ) -> None:
